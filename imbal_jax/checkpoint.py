@@ -1,0 +1,98 @@
+"""Thin wrapper over orbax CheckpointManager.
+
+Two managers per run:
+- `checkpoints/`: the latest train states (for resuming), with a small JSON
+  of loop bookkeeping (best validation score so far).
+- `best/`: the variables of the model selected on the validation split,
+  which is what the test split, stage 2 and prediction use.
+
+States are stored as plain nested dicts (flax.serialization state dicts),
+so restoring needs no pickled Python objects.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import flax
+import jax
+import orbax.checkpoint as ocp
+
+
+def _abstract(tree):
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+class Checkpoints:
+
+  def __init__(self, workdir: str | pathlib.Path, max_to_keep: int = 2):
+    root = pathlib.Path(workdir).absolute()
+    self._latest = ocp.CheckpointManager(
+        root / 'checkpoints', options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep))
+    self._best = ocp.CheckpointManager(
+        root / 'best', options=ocp.CheckpointManagerOptions(max_to_keep=1))
+
+  @property
+  def latest_step(self) -> int | None:
+    return self._latest.latest_step()
+
+  @property
+  def best_step(self) -> int | None:
+    return self._best.latest_step()
+
+  def save_state(self, step: int, state, bookkeeping: dict[str, Any]) -> None:
+    self._latest.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(flax.serialization.to_state_dict(state)),
+        bookkeeping=ocp.args.JsonSave(bookkeeping)))
+
+  def restore_state(self, state_like):
+    """(state, bookkeeping) at the latest step; `state_like` gives structure and shardings."""
+    self._latest.wait_until_finished()
+    target = flax.serialization.to_state_dict(state_like)
+    restored = self._latest.restore(self._latest.latest_step(), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(_abstract(target)),
+        bookkeeping=ocp.args.JsonRestore()))
+    return (flax.serialization.from_state_dict(state_like, restored['state']),
+            restored['bookkeeping'])
+
+  def save_best(self, step: int, variables, info: dict[str, Any]) -> None:
+    if step in self._best.all_steps():
+      return  # Re-reached after a resume: same step, same deterministic values.
+    self._best.save(step, args=ocp.args.Composite(
+        variables=ocp.args.StandardSave(variables), info=ocp.args.JsonSave(info)))
+
+  def restore_best(self, variables_like):
+    """(variables, info) of the selected model."""
+    self._best.wait_until_finished()
+    return restore_best(self._best, variables_like)
+
+  def wait(self) -> None:
+    self._latest.wait_until_finished()
+    self._best.wait_until_finished()
+
+  def close(self) -> None:
+    self._latest.close()
+    self._best.close()
+
+
+def restore_best(manager_or_workdir, variables_like):
+  """The selected variables of a run (a workdir path or an open manager)."""
+  if isinstance(manager_or_workdir, ocp.CheckpointManager):
+    manager, owned = manager_or_workdir, False
+  else:
+    directory = pathlib.Path(manager_or_workdir).absolute() / 'best'
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+        create=False))
+    owned = True
+  try:
+    step = manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f'no selected checkpoint under {manager.directory}')
+    restored = manager.restore(step, args=ocp.args.Composite(
+        variables=ocp.args.StandardRestore(_abstract(variables_like)),
+        info=ocp.args.JsonRestore()))
+    return restored['variables'], restored['info']
+  finally:
+    if owned:
+      manager.close()

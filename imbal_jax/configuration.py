@@ -1,0 +1,95 @@
+"""Config validation and stage-2 inheritance, done before any data or compile.
+
+Every problem is reported as one ConfigError naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import ml_collections
+
+from imbal_jax.data import augment, samplers, sources
+from imbal_jax.models import resnet
+
+STAGES = ('stage1', 'stage2')
+# Fields a stage-2 run takes from its stage-1 run ('' / 0 means "inherit").
+INHERITED_FIELDS = ('dataset', 'data_dir', 'imbalance_ratio', 'model', 'width',
+                    'projection_dim')
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the field and the fix."""
+
+
+def _check_choice(config, field: str, choices) -> None:
+  value = config[field]
+  if value not in choices:
+    raise ConfigError(f'config.{field}={value!r} is not known; choose one of {sorted(choices)}.')
+
+
+def _check_positive(config, field: str, allow_zero: bool = False) -> None:
+  value = config[field]
+  if value < 0 or (value == 0 and not allow_zero):
+    bound = '>= 0' if allow_zero else '> 0'
+    raise ConfigError(f'config.{field}={value} must be {bound}.')
+
+
+def stage1_run(init_from: str) -> tuple[pathlib.Path, dict]:
+  """The stage-1 run directory named by `init_from` and its saved config."""
+  if not init_from:
+    raise ConfigError('stage 2 needs config.init_from: the workdir of a finished stage-1 run, '
+                      'e.g. --config.init_from=runs/digits/stage1.')
+  run_dir = pathlib.Path(init_from)
+  config_path = run_dir / 'config.json'
+  if not run_dir.is_dir():
+    raise ConfigError(f'config.init_from={init_from!r} is not a directory; point it at the '
+                      'workdir of a stage-1 run.')
+  if not config_path.is_file() or not (run_dir / 'best').is_dir():
+    raise ConfigError(f'config.init_from={init_from!r} holds no stage-1 checkpoint '
+                      f'(no {config_path.name} and best/); run stage 1 with '
+                      f'--workdir={init_from} first.')
+  saved = json.loads(config_path.read_text())
+  if saved.get('stage') != 'stage1':
+    raise ConfigError(f'config.init_from={init_from!r} is a {saved.get("stage")!r} run, not '
+                      'stage 1; point it at the stage-1 workdir.')
+  if not any(p.is_dir() and p.name.isdigit() for p in (run_dir / 'best').iterdir()):
+    raise ConfigError(f'config.init_from={init_from!r} has no finished stage-1 checkpoint in '
+                      'best/; let stage 1 run to its first evaluation.')
+  return run_dir, saved
+
+
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Validates `config`; for stage 2, fills inherited fields from the stage-1 run."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  _check_choice(config, 'stage', STAGES)
+  if config.stage == 'stage2':
+    _, stage1_config = stage1_run(config.init_from)
+    for field in INHERITED_FIELDS:
+      inherited = stage1_config[field]
+      if not config[field]:
+        config[field] = inherited
+      elif config[field] != inherited:
+        raise ConfigError(
+            f'config.{field}={config[field]!r} differs from the stage-1 run '
+            f'({inherited!r}, in {config.init_from}/config.json); stage 2 must use the same '
+            f'data and encoder: drop the override.')
+  _check_choice(config, 'dataset', sources.DATASETS)
+  _check_choice(config, 'model', resnet.ARCHITECTURES)
+  _check_choice(config, 'sampler', samplers.SAMPLERS)
+  _check_choice(config, 'augment', augment.AUGMENTATIONS)
+  for field in ('batch_size', 'eval_batch_size', 'num_epochs', 'learning_rate', 'temperature',
+                'log_every_steps', 'eval_every_epochs', 'checkpoint_every_epochs',
+                'projection_dim'):
+    _check_positive(config, field)
+  for field in ('contrastive_weight', 'weight_decay', 'momentum', 'warmup_epochs',
+                'crop_padding', 'width'):
+    _check_positive(config, field, allow_zero=True)
+  if config.imbalance_ratio < 1:
+    raise ConfigError(f'config.imbalance_ratio={config.imbalance_ratio} must be >= 1 '
+                      '(largest class count / smallest); 1 keeps the data as it is.')
+  if config.warmup_epochs >= config.num_epochs and config.warmup_epochs > 0:
+    raise ConfigError(f'config.warmup_epochs={config.warmup_epochs} must be smaller than '
+                      f'config.num_epochs={config.num_epochs}.')
+  return config

@@ -1,0 +1,1 @@
+"""Data: sources, the long-tail protocol, samplers, augmentation and batching."""

@@ -1,0 +1,72 @@
+"""Host-side batching: training batches by step, padded evaluation batches.
+
+A training batch is a pure function of the global step, so resuming from a
+checkpoint at step s continues with exactly the batches an uninterrupted run
+would have seen. With several processes each takes its own contiguous slice
+of the global batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import jax
+import numpy as np
+
+from imbal_jax.data import samplers
+from imbal_jax.data.sources import Split
+
+
+class TrainBatches:
+  """Global-batch index stream for one training run."""
+
+  def __init__(self, split: Split, num_classes: int, batch_size: int, sampler: str, seed: int,
+               num_epochs: int):
+    if len(split) == 0:
+      raise ValueError('the training split is empty.')
+    self.split = split
+    self.num_classes = num_classes
+    self.batch_size = batch_size
+    self.sampler = sampler
+    self.seed = seed
+    self.num_epochs = num_epochs
+    # Nothing is dropped: the last batch of an epoch is topped up by the sampler.
+    self.steps_per_epoch = math.ceil(len(split) / batch_size)
+    self.total_steps = self.steps_per_epoch * num_epochs
+    self._cached_epoch = None
+    self._cached_indices = None
+
+  def indices(self, step: int) -> np.ndarray:
+    epoch, offset = divmod(step, self.steps_per_epoch)
+    if epoch != self._cached_epoch:
+      self._cached_indices = samplers.epoch_indices(
+          self.split.labels, self.num_classes, self.sampler, self.seed, epoch,
+          self.steps_per_epoch * self.batch_size, self.num_epochs)
+      self._cached_epoch = epoch
+    return self._cached_indices[offset * self.batch_size:(offset + 1) * self.batch_size]
+
+  def local_batch(self, step: int) -> dict[str, np.ndarray]:
+    """This process's slice of the global batch at `step`."""
+    indices = self.indices(step)
+    per_process = self.batch_size // jax.process_count()
+    start = jax.process_index() * per_process
+    local = indices[start:start + per_process]
+    return {'image': self.split.images[local], 'label': self.split.labels[local]}
+
+
+def eval_batches(split: Split, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+  """This process's slices of padded global evaluation batches, with a 'mask'."""
+  per_process = batch_size // jax.process_count()
+  start = jax.process_index() * per_process
+  for first in range(0, len(split), batch_size):
+    images = split.images[first:first + batch_size]
+    labels = split.labels[first:first + batch_size]
+    pad = batch_size - len(labels)
+    mask = np.concatenate([np.ones(len(labels), np.float32), np.zeros(pad, np.float32)])
+    if pad:
+      images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
+      labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
+    yield {'image': images[start:start + per_process],
+           'label': labels[start:start + per_process],
+           'mask': mask[start:start + per_process]}

@@ -1,0 +1,37 @@
+"""Train one stage: python -m imbal_jax.main --config=configs/stage1.py --workdir=DIR.
+
+Stage 2: --config=configs/stage2.py --workdir=DIR2 --config.init_from=DIR.
+Rerunning a command resumes from the latest checkpoint in its workdir.
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the report.')
+config_flags.DEFINE_config_file('config', None, 'A config file, e.g. configs/stage1.py[:preset].',
+                                lock_config=True)
+flags.mark_flags_as_required(['config', 'workdir'])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  # Imported here so that --help and flag errors come back before JAX starts.
+  from imbal_jax import configuration, train
+
+  if not FLAGS['verbosity'].present:
+    # Checkpointing logs several INFO lines per save; keep the terminal for the progress bar.
+    logging.set_verbosity(logging.WARNING)
+
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except configuration.ConfigError as error:
+    print(f'imbal_jax: config error: {error}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  app.run(main)

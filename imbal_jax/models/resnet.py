@@ -1,0 +1,108 @@
+"""ResNet encoders (Flax Linen). Each returns pooled features [batch, dim].
+
+- `resnet32`: the CIFAR-style ResNet of He et al. (2016), section 4.2: a 3x3
+  stem, three stages of 5 basic blocks at widths w, 2w, 4w (w=16 originally).
+  It is the backbone of the CIFAR-10/100-LT benchmarks (Cao et al. 2019).
+- `resnet18`, `resnet50`: the ImageNet-style ResNets, base width w (64
+  originally). For small images (below 64 px) the 7x7/2 stem and max-pool would
+  throw away most of the image, so a 3x3/1 stem replaces them, as is common for
+  CIFAR-sized inputs.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+ModuleDef = Any
+
+
+class BasicBlock(nn.Module):
+  filters: int
+  strides: int
+  conv: ModuleDef
+  norm: ModuleDef
+
+  @nn.compact
+  def __call__(self, x):
+    residual = x
+    y = self.conv(self.filters, (3, 3), (self.strides, self.strides))(x)
+    y = nn.relu(self.norm()(y))
+    y = self.conv(self.filters, (3, 3))(y)
+    # Zero-init the last scale so each block starts as the identity (Goyal et al. 2017).
+    y = self.norm(scale_init=nn.initializers.zeros)(y)
+    if residual.shape != y.shape:
+      residual = self.conv(self.filters, (1, 1), (self.strides, self.strides))(residual)
+      residual = self.norm()(residual)
+    return nn.relu(residual + y)
+
+
+class BottleneckBlock(nn.Module):
+  filters: int
+  strides: int
+  conv: ModuleDef
+  norm: ModuleDef
+
+  @nn.compact
+  def __call__(self, x):
+    residual = x
+    y = nn.relu(self.norm()(self.conv(self.filters, (1, 1))(x)))
+    y = self.conv(self.filters, (3, 3), (self.strides, self.strides))(y)
+    y = nn.relu(self.norm()(y))
+    y = self.conv(self.filters * 4, (1, 1))(y)
+    y = self.norm(scale_init=nn.initializers.zeros)(y)
+    if residual.shape != y.shape:
+      residual = self.conv(self.filters * 4, (1, 1), (self.strides, self.strides))(residual)
+      residual = self.norm()(residual)
+    return nn.relu(residual + y)
+
+
+class ResNet(nn.Module):
+  """A ResNet trunk: stem, stages of residual blocks, global average pool."""
+
+  stage_sizes: Sequence[int]
+  block: Callable[..., nn.Module]
+  width: int
+  small_stem: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, padding='SAME')
+    norm = functools.partial(
+        nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
+        dtype=self.dtype)
+    x = x.astype(self.dtype)
+    if self.small_stem:
+      x = nn.relu(norm()(conv(self.width, (3, 3))(x)))
+    else:
+      x = nn.relu(norm()(conv(self.width, (7, 7), (2, 2))(x)))
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
+    for stage, num_blocks in enumerate(self.stage_sizes):
+      for index in range(num_blocks):
+        strides = 2 if stage > 0 and index == 0 else 1
+        x = self.block(self.width * 2**stage, strides, conv=conv, norm=norm)(x)
+    return jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
+
+
+# name -> (stage sizes, block, default base width)
+ARCHITECTURES = {
+    'resnet32': ((5, 5, 5), BasicBlock, 16),
+    'resnet18': ((2, 2, 2, 2), BasicBlock, 64),
+    'resnet50': ((3, 4, 6, 3), BottleneckBlock, 64),
+}
+
+
+def make_encoder(name: str, width: int | None = None, image_size: int = 32) -> ResNet:
+  """Builds encoder `name`; `width` 0 or None keeps the architecture's default."""
+  if name not in ARCHITECTURES:
+    raise ValueError(
+        f'config.model={name!r} is not a known model; choose one of {sorted(ARCHITECTURES)}.')
+  stage_sizes, block, default_width = ARCHITECTURES[name]
+  # The CIFAR-style net always uses the small stem; ImageNet-style nets only below 64 px.
+  small_stem = name == 'resnet32' or image_size < 64
+  return ResNet(stage_sizes=stage_sizes, block=block, width=width or default_width,
+                small_stem=small_stem)

@@ -1,0 +1,285 @@
+"""train_and_evaluate(config, workdir): the one loop behind both stages.
+
+Stage 1 trains encoder + classifier + projection head with CE + lambda *
+SupCon. Stage 2 restores the stage-1 encoder selected on validation, freezes
+it, and trains a freshly initialised linear head with class-balanced
+sampling. Both stages evaluate on the validation split as they go, keep the
+best validation checkpoint, and evaluate the test split once, at the end,
+with that checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import pathlib
+import platform
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from tqdm import tqdm
+
+import imbal_jax
+from imbal_jax import checkpoint, configuration, metrics, reporting, sharding, steps
+from imbal_jax.data import pipeline, sources
+from imbal_jax.models import LinearHead, Stage1Net, encoder_variables, make_encoder
+
+SELECTION_METRIC = 'balanced_accuracy'
+
+
+@dataclasses.dataclass
+class Stage:
+  """What differs between the stages; the loop is shared."""
+
+  state: steps.TrainState
+  train_step: Callable  # (state, global batch, rng) -> (state, measurements)
+  eval_variables: Callable  # state -> the variables `logits_fn` reads
+  logits_fn: Callable
+  extra_report: dict[str, Any]
+
+
+def _weight_decay_mask(params):
+  # Decay conv and dense kernels only, not biases or batch-norm scales.
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], 'key', None) == 'kernel', params)
+
+
+def make_optimizer(config, steps_per_epoch: int) -> tuple[optax.GradientTransformation, Callable]:
+  total_steps = config.num_epochs * steps_per_epoch
+  warmup_steps = int(config.warmup_epochs * steps_per_epoch)
+  if warmup_steps:
+    learning_rate_fn = optax.warmup_cosine_decay_schedule(
+        0.0, config.learning_rate, warmup_steps, total_steps, end_value=0.0)
+  else:
+    learning_rate_fn = optax.cosine_decay_schedule(config.learning_rate, total_steps)
+  tx = optax.chain(
+      optax.add_decayed_weights(config.weight_decay, mask=_weight_decay_mask),
+      optax.sgd(learning_rate_fn, momentum=config.momentum or None))
+  return tx, learning_rate_fn
+
+
+def _jit_train_step(step_fn, mesh, num_extra_args: int = 0):
+  repl, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
+  return jax.jit(step_fn, donate_argnums=0,
+                 in_shardings=(repl, data, repl) + (repl,) * num_extra_args,
+                 out_shardings=(repl, repl))
+
+
+def _preprocess_kwargs(config, data_info):
+  return dict(pixel_mean=tuple(data_info['pixel_mean']), pixel_std=tuple(data_info['pixel_std']),
+              augment=config.augment, crop_padding=config.crop_padding)
+
+
+def build_stage1(config, dataset: sources.Dataset, data_info, mesh, steps_per_epoch) -> Stage:
+  encoder = make_encoder(config.model, config.width, dataset.image_shape[0])
+  model = Stage1Net(encoder=encoder, num_classes=dataset.num_classes,
+                    projection_dim=config.projection_dim)
+  tx, learning_rate_fn = make_optimizer(config, steps_per_epoch)
+
+  def init(rng):
+    variables = model.init(rng, jnp.zeros((1,) + dataset.image_shape, jnp.float32), train=False)
+    return steps.TrainState.create(apply_fn=model.apply, params=variables['params'],
+                                   batch_stats=variables['batch_stats'], tx=tx)
+
+  state = jax.jit(init, out_shardings=sharding.replicated(mesh))(
+      jax.random.key(config.seed))
+  step_fn = functools.partial(
+      steps.stage1_step, model=model, contrastive_weight=config.contrastive_weight,
+      temperature=config.temperature, learning_rate_fn=learning_rate_fn,
+      **_preprocess_kwargs(config, data_info))
+  return Stage(
+      state=state, train_step=_jit_train_step(step_fn, mesh),
+      eval_variables=lambda s: {'params': s.params, 'batch_stats': s.batch_stats},
+      logits_fn=functools.partial(steps.stage1_logits, model=model),
+      extra_report={})
+
+
+def build_stage2(config, dataset: sources.Dataset, data_info, mesh, steps_per_epoch) -> Stage:
+  stage1_dir, stage1_config = configuration.stage1_run(config.init_from)
+  encoder = make_encoder(config.model, config.width, dataset.image_shape[0])
+  stage1_model = Stage1Net(encoder=encoder, num_classes=dataset.num_classes,
+                           projection_dim=config.projection_dim)
+  dummy = jnp.zeros((1,) + dataset.image_shape, jnp.float32)
+  stage1_like = jax.jit(lambda: stage1_model.init(jax.random.key(0), dummy, train=False),
+                        out_shardings=sharding.replicated(mesh))()
+  stage1_variables, stage1_info = checkpoint.restore_best(stage1_dir, stage1_like)
+  frozen = encoder_variables(stage1_variables['params'], stage1_variables['batch_stats'])
+
+  head = LinearHead(dataset.num_classes)
+  tx, learning_rate_fn = make_optimizer(config, steps_per_epoch)
+
+  def init(rng):
+    features = encoder.apply(frozen, dummy, train=False)
+    params = head.init(rng, features)['params']
+    return steps.TrainState.create(apply_fn=head.apply, params=params, batch_stats={}, tx=tx)
+
+  state = jax.jit(init, out_shardings=sharding.replicated(mesh))(jax.random.key(config.seed))
+  step_fn = functools.partial(steps.stage2_step, encoder=encoder, head=head,
+                              learning_rate_fn=learning_rate_fn,
+                              **_preprocess_kwargs(config, data_info))
+  jitted = _jit_train_step(step_fn, mesh, num_extra_args=1)
+  return Stage(
+      state=state,
+      train_step=lambda s, batch, rng: jitted(s, batch, rng, frozen),
+      eval_variables=lambda s: {'encoder': frozen, 'head': {'params': s.params}},
+      logits_fn=functools.partial(steps.stage2_logits, encoder=encoder, head=head),
+      extra_report={'init_from': str(stage1_dir),
+                    'stage1_selected_step': stage1_info['step']})
+
+
+def evaluate(eval_fn, variables, split: sources.Split, batch_size: int, mesh,
+             num_classes: int) -> np.ndarray:
+  """Confusion counts over a whole split (padded batches, masked)."""
+  confusion = jnp.zeros((num_classes, num_classes), jnp.int32)
+  for batch in pipeline.eval_batches(split, batch_size):
+    confusion = confusion + eval_fn(variables, sharding.put_global_batch(batch, mesh))['confusion']
+  return np.asarray(jax.device_get(confusion))
+
+
+def describe_data(dataset: sources.Dataset) -> dict[str, Any]:
+  train_images = dataset.splits['train'].images.astype(np.float64) / 255.0
+  return {
+      'dataset': dataset.name,
+      'class_names': list(dataset.class_names),
+      'image_shape': list(dataset.image_shape),
+      'counts': {split: dataset.class_counts(split).tolist() for split in sources.SPLITS},
+      'pixel_mean': train_images.mean(axis=(0, 1, 2)).tolist(),
+      # A floor keeps constant channels (blank borders) from dividing by zero.
+      'pixel_std': np.maximum(train_images.std(axis=(0, 1, 2)), 1e-3).tolist(),
+      'train_indices': None if dataset.train_indices is None else dataset.train_indices.tolist(),
+  }
+
+
+def _environment() -> dict[str, Any]:
+  import flax
+  return {
+      'imbal_jax': imbal_jax.__version__, 'jax': jax.__version__, 'flax': flax.__version__,
+      'optax': optax.__version__, 'python': platform.python_version(),
+      'device_kind': jax.devices()[0].device_kind, 'device_count': jax.device_count(),
+      'process_count': jax.process_count(),
+  }
+
+
+def _is_log_step(step: int, config, total_steps: int) -> bool:
+  return step == 1 or step % config.log_every_steps == 0 or step == total_steps
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains the stage named by `config.stage` in `workdir`; returns the report."""
+  config = configuration.resolve(config)
+  workdir = pathlib.Path(workdir)
+  mesh = sharding.make_mesh()
+  for field in ('batch_size', 'eval_batch_size'):
+    try:
+      sharding.check_batch_size(config[field], mesh, f'config.{field}')
+    except ValueError as error:
+      raise configuration.ConfigError(str(error)) from None
+  is_writer = jax.process_index() == 0
+
+  dataset = sources.load(config)
+  data_info = describe_data(dataset)
+  logging.info('training images per class: %s', dict(zip(dataset.class_names,
+                                                          data_info['counts']['train'])))
+  batches = pipeline.TrainBatches(dataset.splits['train'], dataset.num_classes,
+                                  config.batch_size, config.sampler, config.seed,
+                                  config.num_epochs)
+  build = build_stage1 if config.stage == 'stage1' else build_stage2
+  stage = build(config, dataset, data_info, mesh, batches.steps_per_epoch)
+
+  if is_writer:
+    workdir.mkdir(parents=True, exist_ok=True)
+    reporting.write_json(workdir / 'config.json', config.to_dict())
+    reporting.write_json(workdir / 'data.json', data_info)
+  ckpt = checkpoint.Checkpoints(workdir)
+  state = stage.state
+  bookkeeping = {'best_score': -1.0, 'best_step': -1}
+  if ckpt.latest_step is not None:
+    state, bookkeeping = ckpt.restore_state(state)
+    logging.info('resumed from step %d in %s', int(state.step), workdir / 'checkpoints')
+    print(f'Resuming {config.stage} from step {int(state.step)} ({workdir / "checkpoints"}).')
+
+  eval_fn = jax.jit(
+      functools.partial(steps.eval_step, logits_fn=stage.logits_fn,
+                        num_classes=dataset.num_classes,
+                        pixel_mean=tuple(data_info['pixel_mean']),
+                        pixel_std=tuple(data_info['pixel_std'])),
+      in_shardings=(sharding.replicated(mesh), sharding.data_sharding(mesh)),
+      out_shardings=sharding.replicated(mesh))
+  rng = jax.random.key(config.seed + 1)
+  metrics_log = reporting.MetricsLog(workdir / 'metrics.jsonl')
+  val_log = reporting.MetricsLog(workdir / 'val_metrics.jsonl')
+  total_steps = batches.total_steps
+  start_step = int(state.step)
+  progress = tqdm(total=total_steps, initial=start_step, desc=config.stage, unit='step',
+                  disable=not is_writer, dynamic_ncols=True)
+  last_log_time, last_log_step = time.perf_counter(), start_step
+  for step in range(start_step, total_steps):
+    batch = sharding.put_global_batch(batches.local_batch(step), mesh)
+    state, measurements = stage.train_step(state, batch, rng)
+    done = step + 1
+    progress.update(1)
+    if _is_log_step(done, config, total_steps):
+      measurements = {k: float(v) for k, v in jax.device_get(measurements).items()}
+      if not np.isfinite(measurements['loss']):
+        raise FloatingPointError(
+            f'non-finite loss at step {done}: {measurements}; last good checkpoint: step '
+            f'{ckpt.latest_step} in {workdir / "checkpoints"}. Lower config.learning_rate.')
+      now = time.perf_counter()
+      images_per_sec = (done - last_log_step) * config.batch_size / (now - last_log_time)
+      last_log_time, last_log_step = now, done
+      record = {'step': done, 'epoch': done / batches.steps_per_epoch, **measurements,
+                'images_per_sec': images_per_sec}
+      if is_writer:
+        metrics_log.write(record)
+      progress.set_postfix(loss=f"{measurements['loss']:.3f}", img_s=f'{images_per_sec:.0f}')
+    epoch_done = done % batches.steps_per_epoch == 0
+    epoch = done // batches.steps_per_epoch
+    if epoch_done and (epoch % config.eval_every_epochs == 0 or done == total_steps):
+      confusion = evaluate(eval_fn, stage.eval_variables(state), dataset.splits['val'],
+                           config.eval_batch_size, mesh, dataset.num_classes)
+      val = metrics.summarize(confusion, dataset.class_names, data_info['counts']['train'])
+      if is_writer:
+        val_log.write({'step': done, 'epoch': epoch,
+                           **{f'val_{k}': val[k] for k in ('accuracy', 'balanced_accuracy',
+                                                           'macro_f1')}})
+      if val[SELECTION_METRIC] > bookkeeping['best_score']:
+        bookkeeping = {'best_score': val[SELECTION_METRIC], 'best_step': done}
+        ckpt.save_best(done, stage.eval_variables(state),
+                       {'step': done, 'epoch': epoch, 'split': 'val',
+                        'metric': SELECTION_METRIC, 'score': val[SELECTION_METRIC]})
+    if epoch_done and (epoch % config.checkpoint_every_epochs == 0 or done == total_steps):
+      ckpt.save_state(done, state, bookkeeping)
+    if epoch_done:  # Throughput counts training steps only, not evaluation or saving.
+      last_log_time, last_log_step = time.perf_counter(), done
+  progress.close()
+  ckpt.wait()
+
+  variables, selected = ckpt.restore_best(stage.eval_variables(state))
+  ckpt.close()
+  report = {
+      'stage': config.stage,
+      'dataset': dataset.name,
+      'class_names': list(dataset.class_names),
+      'train_counts': data_info['counts']['train'],
+      'split_sizes': {s: len(dataset.splits[s]) for s in sources.SPLITS},
+      'selection': selected,
+      **stage.extra_report,
+  }
+  for split in ('val', 'test'):
+    confusion = evaluate(eval_fn, variables, dataset.splits[split], config.eval_batch_size,
+                         mesh, dataset.num_classes)
+    report[split] = metrics.summarize(confusion, dataset.class_names, data_info['counts']['train'])
+  report['config'] = config.to_dict()
+  report['environment'] = _environment()
+  if is_writer:
+    reporting.write_json(workdir / 'report.json', report)
+    print(reporting.format_report(report))
+    print(f'\nReport written to {workdir / "report.json"}')
+  return report
+
