@@ -4,6 +4,7 @@ Stage 2: --config=configs/stage2.py --workdir=DIR2 --config.init_from=DIR.
 Rerunning a command resumes from the latest checkpoint in its workdir.
 """
 
+import re
 import sys
 
 from absl import app, flags, logging
@@ -33,5 +34,22 @@ def main(argv):
     sys.exit(2)
 
 
+def parse_flags(argv):
+  """absl's parser, with a plain message for `--config.FIELD` naming no field."""
+  try:
+    return FLAGS(argv)
+  except (AttributeError, KeyError) as error:
+    raw = str(error)
+    fields = [arg.split('=')[0][len('--config.'):] for arg in argv[1:]
+              if arg.startswith('--config.')]
+    unknown = [f for f in fields if f.split('.')[-1] in raw] or fields
+    hint = re.search(r'Did you mean "([^"]+)"', raw)
+    message = f'imbal_jax: config error: --config.{unknown[0]} is not a config field'
+    message += f'; did you mean --config.{hint.group(1)}?' if hint else (
+        '; the config file lists the fields (check the spelling).')
+    print(message, file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -65,7 +65,7 @@ def stage1_step(state: TrainState, batch, rng, *, model: nn.Module, contrastive_
       'ce': aux['ce'],
       'contrastive': aux['contrastive'],
       'train_accuracy': jnp.mean(jnp.argmax(aux['logits'], -1) == labels),
-      'grad_norm': optax.global_norm(grads),
+      'grad_norm': optax.tree.norm(grads),
       'learning_rate': learning_rate_fn(state.step),
   }
   return new_state, measurements
@@ -97,7 +97,7 @@ def stage2_step(state: TrainState, batch, rng, encoder_variables, *, encoder: nn
       'loss': loss,
       'ce': loss,
       'train_accuracy': jnp.mean(jnp.argmax(logits, -1) == labels),
-      'grad_norm': optax.global_norm(grads),
+      'grad_norm': optax.tree.norm(grads),
       'learning_rate': learning_rate_fn(state.step),
   }
   return new_state, measurements

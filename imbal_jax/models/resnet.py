@@ -1,7 +1,8 @@
 """ResNet encoders (Flax Linen). Each returns pooled features [batch, dim].
 
 - `resnet32`: the CIFAR-style ResNet of He et al. (2016), section 4.2: a 3x3
-  stem, three stages of 5 basic blocks at widths w, 2w, 4w (w=16 originally).
+  stem, three stages of 5 basic blocks at widths w, 2w, 4w (w=16 originally),
+  parameter-free zero-padding shortcuts ("option A").
   It is the backbone of the CIFAR-10/100-LT benchmarks (Cao et al. 2019).
 - `resnet18`, `resnet50`: the ImageNet-style ResNets, base width w (64
   originally). For small images (below 64 px) the 7x7/2 stem and max-pool would
@@ -25,6 +26,9 @@ class BasicBlock(nn.Module):
   strides: int
   conv: ModuleDef
   norm: ModuleDef
+  # 'projection': 1x1 conv + BN when the shape changes (ImageNet ResNets, "option B");
+  # 'pad': subsample and zero-pad channels, no parameters (CIFAR ResNets, "option A").
+  shortcut: str = 'projection'
 
   @nn.compact
   def __call__(self, x):
@@ -34,7 +38,11 @@ class BasicBlock(nn.Module):
     y = self.conv(self.filters, (3, 3))(y)
     # Zero-init the last scale so each block starts as the identity (Goyal et al. 2017).
     y = self.norm(scale_init=nn.initializers.zeros)(y)
-    if residual.shape != y.shape:
+    if residual.shape != y.shape and self.shortcut == 'pad':
+      residual = residual[:, ::self.strides, ::self.strides, :]
+      extra = y.shape[-1] - residual.shape[-1]
+      residual = jnp.pad(residual, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+    elif residual.shape != y.shape:
       residual = self.conv(self.filters, (1, 1), (self.strides, self.strides))(residual)
       residual = self.norm()(residual)
     return nn.relu(residual + y)
@@ -67,6 +75,7 @@ class ResNet(nn.Module):
   block: Callable[..., nn.Module]
   width: int
   small_stem: bool = True
+  shortcut: str = 'projection'
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -84,7 +93,10 @@ class ResNet(nn.Module):
     for stage, num_blocks in enumerate(self.stage_sizes):
       for index in range(num_blocks):
         strides = 2 if stage > 0 and index == 0 else 1
-        x = self.block(self.width * 2**stage, strides, conv=conv, norm=norm)(x)
+        block = functools.partial(self.block, conv=conv, norm=norm)
+        if self.block is BasicBlock:
+          block = functools.partial(block, shortcut=self.shortcut)
+        x = block(self.width * 2**stage, strides)(x)
     return jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
 
 
@@ -103,6 +115,7 @@ def make_encoder(name: str, width: int | None = None, image_size: int = 32) -> R
         f'config.model={name!r} is not a known model; choose one of {sorted(ARCHITECTURES)}.')
   stage_sizes, block, default_width = ARCHITECTURES[name]
   # The CIFAR-style net always uses the small stem; ImageNet-style nets only below 64 px.
-  small_stem = name == 'resnet32' or image_size < 64
+  cifar_style = name == 'resnet32'
+  small_stem = cifar_style or image_size < 64
   return ResNet(stage_sizes=stage_sizes, block=block, width=width or default_width,
-                small_stem=small_stem)
+                small_stem=small_stem, shortcut='pad' if cifar_style else 'projection')

@@ -1,0 +1,135 @@
+"""Step functions: global-batch semantics across devices, single trace, frozen encoder."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from imbal_jax import sharding, steps
+from imbal_jax.models import LinearHead, Stage1Net, encoder_variables, make_encoder
+
+NUM_CLASSES = 5
+BATCH = 32
+PREPROCESS = dict(pixel_mean=(0.3,), pixel_std=(0.2,), augment='crop', crop_padding=1)
+
+
+def make_batch(seed):
+  rng = np.random.default_rng(seed)
+  return {'image': rng.integers(0, 256, size=(BATCH, 8, 8, 1), dtype=np.uint8),
+          'label': rng.integers(0, NUM_CLASSES, size=BATCH).astype(np.int32)}
+
+
+@pytest.fixture(scope='module')
+def stage1():
+  model = Stage1Net(encoder=make_encoder('resnet32', width=4, image_size=8),
+                    num_classes=NUM_CLASSES, projection_dim=8)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)
+  tx = optax.sgd(0.1, momentum=0.9)
+  state = steps.TrainState.create(apply_fn=model.apply, params=variables['params'],
+                                  batch_stats=variables['batch_stats'], tx=tx)
+  # Host copies: each test puts its own device buffers, which the steps may donate.
+  return model, jax.device_get(state)
+
+
+def on_mesh(tree, mesh):
+  return jax.device_put(tree, sharding.replicated(mesh))
+
+
+def test_stage1_loss_and_grads_same_on_8_devices_as_on_1(stage1, devices):
+  model, state = stage1
+  batch = make_batch(0)
+  images = steps.preprocess(jnp.asarray(batch['image']), None, **PREPROCESS)
+  results = []
+  for mesh in (sharding.make_mesh(devices[:1]), sharding.make_mesh(devices)):
+    grad_fn = jax.jit(jax.value_and_grad(functools.partial(
+        steps.stage1_loss, model=model, contrastive_weight=0.5, temperature=0.1), has_aux=True))
+    data = sharding.put_global_batch({'image': np.asarray(images), 'label': batch['label']}, mesh)
+    assert len(data['image'].sharding.device_set) == mesh.devices.size
+    (loss, aux), grads = grad_fn(on_mesh(state.params, mesh), on_mesh(state.batch_stats, mesh),
+                                 data['image'], data['label'])
+    results.append((float(loss), float(aux['contrastive']), jax.device_get(grads),
+                    jax.device_get(aux['batch_stats'])))
+  (loss1, con1, grads1, stats1), (loss8, con8, grads8, stats8) = results
+  assert con1 > 0
+  np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
+  np.testing.assert_allclose(con8, con1, rtol=1e-5)
+  chex.assert_trees_all_close(grads8, grads1, atol=1e-5, rtol=1e-5)
+  # Batch norm statistics come from the global batch, not a per-device shard.
+  chex.assert_trees_all_close(stats8, stats1, atol=1e-5, rtol=1e-5)
+
+
+def test_stage1_step_on_8_devices_matches_1_device_and_compiles_once(stage1, devices):
+  model, state = stage1
+  chex.clear_trace_counter()
+  step = chex.assert_max_traces(steps.stage1_step, n=1)
+  kwargs = dict(model=model, contrastive_weight=0.5, temperature=0.1,
+                learning_rate_fn=optax.constant_schedule(0.1), **PREPROCESS)
+  final = []
+  for mesh in (sharding.make_mesh(devices[:1]), sharding.make_mesh(devices)):
+    repl, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
+    jitted = jax.jit(functools.partial(step, **kwargs), donate_argnums=0,
+                     in_shardings=(repl, data, repl), out_shardings=(repl, repl))
+    current = on_mesh(state, mesh)
+    for seed in range(3):
+      current, measurements = jitted(current, sharding.put_global_batch(make_batch(seed), mesh),
+                                     jax.random.key(7))
+      for name, value in measurements.items():
+        assert np.isfinite(float(value)), name
+    assert int(current.step) == 3
+    final.append(jax.device_get(current.params))
+    chex.clear_trace_counter()  # the second mesh is a new program, allowed one trace
+  chex.assert_trees_all_close(final[1], final[0], atol=1e-4, rtol=1e-4)
+
+
+def test_stage2_step_trains_only_the_head_and_leaves_encoder_bit_identical(stage1, devices):
+  model, state = stage1
+  mesh = sharding.make_mesh(devices)
+  encoder = model.encoder
+  frozen = on_mesh(encoder_variables(state.params, state.batch_stats), mesh)
+  frozen_before = jax.tree.map(np.array, jax.device_get(frozen))
+  head = LinearHead(NUM_CLASSES)
+  head_params = head.init(jax.random.key(3), jnp.zeros((1, 16)))['params']
+  head_state = on_mesh(steps.TrainState.create(apply_fn=head.apply, params=head_params,
+                                               batch_stats={}, tx=optax.sgd(0.5)), mesh)
+  head_before = jax.device_get(head_state.params)
+  chex.clear_trace_counter()
+  step = chex.assert_max_traces(steps.stage2_step, n=1)
+  repl, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
+  jitted = jax.jit(functools.partial(step, encoder=encoder, head=head,
+                                     learning_rate_fn=optax.constant_schedule(0.5), **PREPROCESS),
+                   donate_argnums=0, in_shardings=(repl, data, repl, repl),
+                   out_shardings=(repl, repl))
+  for seed in range(3):
+    head_state, measurements = jitted(head_state, sharding.put_global_batch(make_batch(seed), mesh),
+                                      jax.random.key(seed), frozen)
+    assert np.isfinite(float(measurements['loss']))
+  assert set(head_state.params) == {'dense'}
+  changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), head_before,
+                         jax.device_get(head_state.params))
+  assert all(jax.tree.leaves(changed))
+  chex.assert_trees_all_equal(jax.device_get(frozen), frozen_before)
+
+
+def test_eval_step_counts_only_real_examples(stage1, devices):
+  model, state = stage1
+  mesh = sharding.make_mesh(devices)
+  batch = make_batch(1)
+  batch['mask'] = np.array([1.0] * 20 + [0.0] * 12, np.float32)
+  eval_fn = jax.jit(functools.partial(
+      steps.eval_step, logits_fn=functools.partial(steps.stage1_logits, model=model),
+      num_classes=NUM_CLASSES, pixel_mean=(0.3,), pixel_std=(0.2,)))
+  out = eval_fn(on_mesh({'params': state.params, 'batch_stats': state.batch_stats}, mesh),
+                sharding.put_global_batch(batch, mesh))
+  confusion = np.asarray(out['confusion'])
+  assert confusion.sum() == 20
+  np.testing.assert_array_equal(confusion.sum(axis=1),
+                                np.bincount(batch['label'][:20], minlength=NUM_CLASSES))
+
+
+def test_batch_size_must_divide_device_count(devices):
+  with pytest.raises(ValueError, match=r'config.batch_size=12 .* 8 devices.*try 8 or 16'):
+    sharding.check_batch_size(12, sharding.make_mesh(devices))
