@@ -1,0 +1,34 @@
+# Quick start: `make demo` (train both stages on the embedded data) and `make test`.
+# Both create .venv on first use and are safe to rerun.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= runs/demo
+# Compiled programs are cached across runs: the second `make demo` starts faster.
+export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
+
+.PHONY: install demo test clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "imbal_jax needs Python >= 3.11, found " + sys.version.split()[0]'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m imbal_jax.main --config=configs/stage1.py --workdir=$(DEMO_DIR)/stage1
+	$(BIN)/python -m imbal_jax.main --config=configs/stage2.py --workdir=$(DEMO_DIR)/stage2 \
+	    --config.init_from=$(DEMO_DIR)/stage1
+	@echo
+	@echo "Reports: $(DEMO_DIR)/stage1/report.json (CE + SupCon encoder) and $(DEMO_DIR)/stage2/report.json (cRT head)"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) .cache runs
