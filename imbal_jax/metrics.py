@@ -1,26 +1,18 @@
-"""Metrics from confusion-matrix counts.
-
-Devices compute integer counts over masked (padded) batches; counts add up
-across batches and devices without double counting, and the final ratios are
-computed once on the host.
+"""Evaluation metrics, computed once on the host from every real example's
+label and class probabilities (padding rows are removed before this point).
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 
-def confusion_counts(logits: jax.Array, labels: jax.Array, mask: jax.Array,
-                     num_classes: int) -> jax.Array:
-  """[classes, classes] int32 counts: row = true class, column = predicted."""
-  predictions = jnp.argmax(logits, axis=-1)
-  true_one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.int32) * mask[:, None].astype(jnp.int32)
-  pred_one_hot = jax.nn.one_hot(predictions, num_classes, dtype=jnp.int32)
-  return true_one_hot.T @ pred_one_hot
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+  """[classes, classes] counts: row = true class, column = predicted class."""
+  flat = np.asarray(labels, np.int64) * num_classes + np.asarray(predictions, np.int64)
+  return np.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
 def _safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
@@ -28,7 +20,7 @@ def _safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
                    where=denominator > 0)
 
 
-def summarize(confusion: np.ndarray, class_names: Sequence[str],
+def summarize(labels: np.ndarray, probabilities: np.ndarray, class_names: Sequence[str],
               train_counts: Sequence[int]) -> dict:
   """accuracy, balanced accuracy, macro-F1 and a per-class table.
 
@@ -37,7 +29,8 @@ def summarize(confusion: np.ndarray, class_names: Sequence[str],
   that is present or predicted, with F1 = 0 where undefined (scikit-learn's
   zero_division=0 on the union of labels).
   """
-  confusion = np.asarray(confusion, dtype=np.int64)
+  num_classes = len(class_names)
+  confusion = confusion_matrix(labels, np.argmax(probabilities, axis=-1), num_classes)
   support = confusion.sum(axis=1)
   predicted = confusion.sum(axis=0)
   correct = np.diag(confusion)

@@ -47,3 +47,4 @@ def put_global_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.
 
 def put_replicated(tree, mesh: Mesh):
   return jax.device_put(tree, replicated(mesh))
+

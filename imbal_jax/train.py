@@ -133,13 +133,14 @@ def build_stage2(config, dataset: sources.Dataset, data_info, mesh, steps_per_ep
                     'stage1_selected_step': stage1_info['step']})
 
 
-def evaluate(eval_fn, variables, split: sources.Split, batch_size: int, mesh,
-             num_classes: int) -> np.ndarray:
-  """Confusion counts over a whole split (padded batches, masked)."""
-  confusion = jnp.zeros((num_classes, num_classes), jnp.int32)
-  for batch in pipeline.eval_batches(split, batch_size):
-    confusion = confusion + eval_fn(variables, sharding.put_global_batch(batch, mesh))['confusion']
-  return np.asarray(jax.device_get(confusion))
+def evaluate(eval_fn, variables, split: sources.Split, batch_size: int, mesh) -> np.ndarray:
+  """Class probabilities for every example of `split`, in order (padding removed)."""
+  outputs = [eval_fn(variables, sharding.put_global_batch(batch, mesh))
+             for batch in pipeline.eval_batches(split, batch_size)]
+  # Pulled after all batches are queued, so the device never waits on the host. The
+  # outputs are replicated, so every process holds them whole. Padding sits at the
+  # end of the last global batch: keep the first len(split) rows.
+  return np.concatenate(jax.device_get(outputs))[:len(split)]
 
 
 def describe_data(dataset: sources.Dataset) -> dict[str, Any]:
@@ -206,7 +207,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   eval_fn = jax.jit(
       functools.partial(steps.eval_step, logits_fn=stage.logits_fn,
-                        num_classes=dataset.num_classes,
                         pixel_mean=tuple(data_info['pixel_mean']),
                         pixel_std=tuple(data_info['pixel_std'])),
       in_shardings=(sharding.replicated(mesh), sharding.data_sharding(mesh)),
@@ -241,9 +241,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     epoch_done = done % batches.steps_per_epoch == 0
     epoch = done // batches.steps_per_epoch
     if epoch_done and (epoch % config.eval_every_epochs == 0 or done == total_steps):
-      confusion = evaluate(eval_fn, stage.eval_variables(state), dataset.splits['val'],
-                           config.eval_batch_size, mesh, dataset.num_classes)
-      val = metrics.summarize(confusion, dataset.class_names, data_info['counts']['train'])
+      probabilities = evaluate(eval_fn, stage.eval_variables(state), dataset.splits['val'],
+                               config.eval_batch_size, mesh)
+      val = metrics.summarize(dataset.splits['val'].labels, probabilities, dataset.class_names,
+                              data_info['counts']['train'])
       if is_writer:
         val_log.write({'step': done, 'epoch': epoch,
                            **{f'val_{k}': val[k] for k in ('accuracy', 'balanced_accuracy',
@@ -272,9 +273,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       **stage.extra_report,
   }
   for split in ('val', 'test'):
-    confusion = evaluate(eval_fn, variables, dataset.splits[split], config.eval_batch_size,
-                         mesh, dataset.num_classes)
-    report[split] = metrics.summarize(confusion, dataset.class_names, data_info['counts']['train'])
+    probabilities = evaluate(eval_fn, variables, dataset.splits[split], config.eval_batch_size,
+                             mesh)
+    report[split] = metrics.summarize(dataset.splits[split].labels, probabilities,
+                                      dataset.class_names, data_info['counts']['train'])
   report['config'] = config.to_dict()
   report['environment'] = _environment()
   if is_writer:

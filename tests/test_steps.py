@@ -114,20 +114,28 @@ def test_stage2_step_trains_only_the_head_and_leaves_encoder_bit_identical(stage
   chex.assert_trees_all_equal(jax.device_get(frozen), frozen_before)
 
 
-def test_eval_step_counts_only_real_examples(stage1, devices):
+def test_evaluation_keeps_every_example_once_on_1_and_8_devices(stage1, devices):
+  """Padded global batches: identical probabilities, in order, whatever the device count."""
+  from imbal_jax import train
+  from imbal_jax.data.sources import Split
   model, state = stage1
-  mesh = sharding.make_mesh(devices)
-  batch = make_batch(1)
-  batch['mask'] = np.array([1.0] * 20 + [0.0] * 12, np.float32)
-  eval_fn = jax.jit(functools.partial(
-      steps.eval_step, logits_fn=functools.partial(steps.stage1_logits, model=model),
-      num_classes=NUM_CLASSES, pixel_mean=(0.3,), pixel_std=(0.2,)))
-  out = eval_fn(on_mesh({'params': state.params, 'batch_stats': state.batch_stats}, mesh),
-                sharding.put_global_batch(batch, mesh))
-  confusion = np.asarray(out['confusion'])
-  assert confusion.sum() == 20
-  np.testing.assert_array_equal(confusion.sum(axis=1),
-                                np.bincount(batch['label'][:20], minlength=NUM_CLASSES))
+  rng = np.random.default_rng(1)
+  split = Split(rng.integers(0, 256, size=(37, 8, 8, 1), dtype=np.uint8),
+                rng.integers(0, NUM_CLASSES, size=37).astype(np.int32))
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  step = functools.partial(steps.eval_step, logits_fn=functools.partial(steps.stage1_logits,
+                                                                        model=model),
+                           pixel_mean=(0.3,), pixel_std=(0.2,))
+  results = []
+  for mesh, batch_size in ((sharding.make_mesh(devices[:1]), 5),
+                           (sharding.make_mesh(devices), 16)):
+    eval_fn = jax.jit(step, out_shardings=sharding.replicated(mesh))
+    results.append(train.evaluate(eval_fn, on_mesh(variables, mesh), split, batch_size, mesh))
+  assert results[0].shape == results[1].shape == (37, NUM_CLASSES)
+  np.testing.assert_allclose(results[0], results[1], atol=1e-5)
+  expected = jax.nn.softmax(steps.stage1_logits(
+      variables, steps.preprocess(jnp.asarray(split.images), None, **PREPROCESS), model=model))
+  np.testing.assert_allclose(results[0], np.asarray(expected), atol=1e-5)
 
 
 def test_batch_size_must_divide_device_count(devices):
