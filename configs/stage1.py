@@ -6,13 +6,21 @@ a 2-core CPU):
   python -m imbal_jax.main --config=configs/stage1.py --workdir=runs/digits/stage1
 
 Expect a table of per-class recall for val and test, and DIR/report.json.
-Presets: `configs/stage1.py:digits_lt` (default). Override any field on the
-command line, e.g. `--config.contrastive_weight=0` for the plain CE baseline.
+Presets (`configs/stage1.py:PRESET`):
+  digits_lt         the default, embedded data, no download
+  ham10000          ../shared/data/ham10000_28.npz (HAM10000 at 28 px, natural imbalance)
+  dermamnist        a MedMNIST .npz, e.g. --config.data_path=dermamnist_64.npz
+  fashion_mnist_lt  Debian's dataset-fashion-mnist IDX files, imbalance ratio 100
+  cifar10_lt, cifar100_lt   tensorflow-datasets array_record data, ratio 100
+  isic2019          ISIC 2019 images + ground-truth CSV (--config.data_path, --config.labels_csv)
+  hyper_kvasir      Hyper-Kvasir labelled images (class folders; --config.data_path)
+Override any field on the command line, e.g. `--config.contrastive_weight=0`
+for the plain CE baseline.
 
 Where the defaults come from:
-- SGD, momentum 0.9, peak learning rate 0.1 at batch 128, cosine decay with a
-  linear warm-up, weight decay 5e-4: the ResNet-32 long-tail recipe of Cao et
-  al. (2019, LDAM) and Kang et al. (2020, decoupling / cRT).
+- SGD, momentum 0.9, cosine decay with a linear warm-up, weight decay 5e-4,
+  peak learning rate 0.1 at batch 128: the ResNet-32 long-tail recipe of Cao
+  et al. (2019, LDAM) and Kang et al. (2020, decoupling / cRT).
 - temperature 0.1: Khosla et al. (2020) report 0.1 as their best for
   supervised contrastive learning.
 - contrastive_weight 0.5 and a 128-dimensional projection: the weighting and
@@ -22,6 +30,7 @@ Where the defaults come from:
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -29,11 +38,21 @@ def base_config() -> ml_collections.ConfigDict:
   config.stage = 'stage1'
   # Data.
   config.dataset = 'digits'
-  config.data_dir = ''
-  config.imbalance_ratio = 10.0
+  config.data_path = ''  # a file or folder, for file-based data sets
+  config.data_dir = ''  # tensorflow-datasets data_dir
+  config.tfds_name = ''
+  config.labels_csv = ''  # ISIC ground truth
+  config.image_size = 0  # 0: as stored; image-file data sets need a size
+  config.skip_corrupt = False
+  # None keeps the data's own class distribution; >= 1 subsamples training to that ratio.
+  config.imbalance_ratio = config_dict.placeholder(float)
+  config.split_seed = 0  # fixes val/test where the data set has none
+  config.val_fraction = 0.1
+  config.test_fraction = 0.2
   config.sampler = 'instance'
   config.augment = 'crop'
   config.crop_padding = 1
+  config.data_workers = 0  # grain worker processes; 0 reads in the training process
   # Model.
   config.model = 'resnet32'
   config.width = 16
@@ -58,12 +77,60 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
+def _small_medical(config):
+  """28-64 px dermoscopy / microscopy: ResNet-32, the augmentations that suit lesions."""
+  config.model = 'resnet32'
+  config.augment = 'rrc+flip+vflip+rot90+jitter'
+  config.batch_size = 128
+  config.learning_rate = 0.1
+  config.num_epochs = 30
+  config.warmup_epochs = 2
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   preset = arg or 'digits_lt'
   config = base_config()
   if preset == 'digits_lt':
     # 477 training images (118 of class 0 down to 11 of class 9), 8x8 grey.
-    pass
+    config.imbalance_ratio = 10.0
+  elif preset == 'ham10000':
+    config.dataset = 'medmnist'
+    config.data_path = '../shared/data/ham10000_28.npz'
+    _small_medical(config)
+  elif preset == 'dermamnist':
+    config.dataset = 'medmnist'
+    config.data_path = 'dermamnist.npz'
+    _small_medical(config)
+  elif preset == 'fashion_mnist_lt':
+    config.dataset = 'idx'
+    config.data_path = '/usr/share/datasets/fashion-mnist'
+    config.imbalance_ratio = 100.0
+    config.augment = 'crop+flip'
+    config.crop_padding = 2
+    config.batch_size = 128
+    config.learning_rate = 0.1
+    config.num_epochs = 30
+  elif preset in ('cifar10_lt', 'cifar100_lt'):
+    # Cao et al. (2019): ResNet-32, ratio 100, 200 epochs, batch 128, lr 0.1, 5 warm-up epochs.
+    config.dataset = 'tfds'
+    config.tfds_name = preset.split('_')[0]
+    config.imbalance_ratio = 100.0
+    config.augment = 'crop+flip'
+    config.crop_padding = 4
+    config.batch_size = 128
+    config.learning_rate = 0.1
+    config.num_epochs = 200
+    config.warmup_epochs = 5
+    config.weight_decay = 2e-4
+  elif preset in ('isic2019', 'hyper_kvasir'):
+    config.dataset = 'isic' if preset == 'isic2019' else 'folder'
+    config.image_size = 224
+    config.model = 'resnet50'
+    config.width = 64
+    config.augment = 'rrc+flip+vflip+rot90+jitter'
+    config.batch_size = 128
+    config.learning_rate = 0.1
+    config.num_epochs = 30
   else:
-    raise ValueError(f'unknown preset {preset!r} for configs/stage1.py; known: digits_lt')
+    raise ValueError(f'unknown preset {preset!r} for configs/stage1.py')
   return config

@@ -22,6 +22,7 @@ import importlib.util
 import pathlib
 
 import ml_collections
+from ml_collections import config_dict
 
 # Load the sibling file by path: config files are loaded by path, not as a package.
 _spec = importlib.util.spec_from_file_location(
@@ -31,17 +32,17 @@ _spec.loader.exec_module(stage1)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  preset = arg or 'digits_lt'
-  if preset not in ('digits_lt',):
-    raise ValueError(f'unknown preset {preset!r} for configs/stage2.py; known: digits_lt')
-  config = stage1.get_config(preset)
+  # Any stage-1 preset works: its optimisation settings are the starting point.
+  config = stage1.get_config(arg)
   config.stage = 'stage2'
-  # Inherited from the stage-1 run unless set (then they must agree).
-  config.dataset = ''
-  config.data_dir = ''
-  config.imbalance_ratio = 0.0
-  config.model = ''
-  config.width = 0
+  # Inherited from the stage-1 run unless set (then they must agree): the data,
+  # its split and the encoder must be exactly those of stage 1.
+  for field in ('dataset', 'data_dir', 'data_path', 'labels_csv', 'tfds_name', 'model'):
+    config[field] = config_dict.placeholder(str)
+  for field in ('image_size', 'split_seed', 'width', 'projection_dim'):
+    config[field] = config_dict.placeholder(int)
+  for field in ('imbalance_ratio', 'val_fraction', 'test_fraction'):
+    config[field] = config_dict.placeholder(float)
   config.sampler = 'class_balanced'
   config.contrastive_weight = 0.0
   config.num_epochs = 10

@@ -2,7 +2,8 @@
 
 Two managers per run:
 - `checkpoints/`: the latest train states (for resuming), with a small JSON
-  of loop bookkeeping (best validation score so far).
+  of loop bookkeeping (best validation score so far) and the grain iterator
+  state of the training data.
 - `best/`: the variables of the model selected on the validation split,
   which is what the test split, stage 2 and prediction use.
 
@@ -16,6 +17,7 @@ import pathlib
 from typing import Any
 
 import flax
+import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -41,18 +43,23 @@ class Checkpoints:
   def best_step(self) -> int | None:
     return self._best.latest_step()
 
-  def save_state(self, step: int, state, bookkeeping: dict[str, Any]) -> None:
+  def save_state(self, step: int, state, bookkeeping: dict[str, Any], data_iterator) -> None:
     self._latest.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(flax.serialization.to_state_dict(state)),
-        bookkeeping=ocp.args.JsonSave(bookkeeping)))
+        bookkeeping=ocp.args.JsonSave(bookkeeping),
+        data=grain.checkpoint.CheckpointSave(data_iterator)))
 
-  def restore_state(self, state_like):
-    """(state, bookkeeping) at the latest step; `state_like` gives structure and shardings."""
+  def restore_state(self, state_like, data_iterator):
+    """(state, bookkeeping) at the latest step, and `data_iterator` moved to match.
+
+    `state_like` gives the structure and shardings to restore into.
+    """
     self._latest.wait_until_finished()
     target = flax.serialization.to_state_dict(state_like)
     restored = self._latest.restore(self._latest.latest_step(), args=ocp.args.Composite(
         state=ocp.args.StandardRestore(_abstract(target)),
-        bookkeeping=ocp.args.JsonRestore()))
+        bookkeeping=ocp.args.JsonRestore(),
+        data=grain.checkpoint.CheckpointRestore(data_iterator)))
     return (flax.serialization.from_state_dict(state_like, restored['state']),
             restored['bookkeeping'])
 

@@ -10,13 +10,14 @@ import pathlib
 
 import ml_collections
 
-from imbal_jax.data import augment, samplers, sources
+from imbal_jax.data import augment, readers, samplers
 from imbal_jax.models import resnet
 
 STAGES = ('stage1', 'stage2')
 # Fields a stage-2 run takes from its stage-1 run ('' / 0 means "inherit").
-INHERITED_FIELDS = ('dataset', 'data_dir', 'imbalance_ratio', 'model', 'width',
-                    'projection_dim')
+INHERITED_FIELDS = ('dataset', 'data_dir', 'data_path', 'labels_csv', 'tfds_name',
+                    'image_size', 'imbalance_ratio', 'split_seed', 'val_fraction',
+                    'test_fraction', 'model', 'width', 'projection_dim')
 
 
 class ConfigError(ValueError):
@@ -67,28 +68,35 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if config.stage == 'stage2':
     _, stage1_config = stage1_run(config.init_from)
     for field in INHERITED_FIELDS:
-      inherited = stage1_config[field]
-      if not config[field]:
+      inherited = stage1_config.get(field)
+      if config[field] is None or config[field] == '':
         config[field] = inherited
       elif config[field] != inherited:
         raise ConfigError(
             f'config.{field}={config[field]!r} differs from the stage-1 run '
             f'({inherited!r}, in {config.init_from}/config.json); stage 2 must use the same '
             f'data and encoder: drop the override.')
-  _check_choice(config, 'dataset', sources.DATASETS)
+  _check_choice(config, 'dataset', readers.READERS)
   _check_choice(config, 'model', resnet.ARCHITECTURES)
   _check_choice(config, 'sampler', samplers.SAMPLERS)
-  _check_choice(config, 'augment', augment.AUGMENTATIONS)
+  try:
+    augment.parse(config.augment)
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
   for field in ('batch_size', 'eval_batch_size', 'num_epochs', 'learning_rate', 'temperature',
                 'log_every_steps', 'eval_every_epochs', 'checkpoint_every_epochs',
                 'projection_dim'):
     _check_positive(config, field)
   for field in ('contrastive_weight', 'weight_decay', 'momentum', 'warmup_epochs',
-                'crop_padding', 'width'):
+                'crop_padding', 'width', 'image_size', 'data_workers'):
     _check_positive(config, field, allow_zero=True)
-  if config.imbalance_ratio < 1:
+  for field in ('val_fraction', 'test_fraction'):
+    if not 0 < config[field] < 1:
+      raise ConfigError(f'config.{field}={config[field]} must be between 0 and 1.')
+  if config.imbalance_ratio is not None and config.imbalance_ratio < 1:
     raise ConfigError(f'config.imbalance_ratio={config.imbalance_ratio} must be >= 1 '
-                      '(largest class count / smallest); 1 keeps the data as it is.')
+                      '(largest class count / smallest), or None to keep the distribution '
+                      'as it is.')
   if config.warmup_epochs >= config.num_epochs and config.warmup_epochs > 0:
     raise ConfigError(f'config.warmup_epochs={config.warmup_epochs} must be smaller than '
                       f'config.num_epochs={config.num_epochs}.')

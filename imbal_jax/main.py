@@ -22,6 +22,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   # Imported here so that --help and flag errors come back before JAX starts.
   from imbal_jax import configuration, train
+  from imbal_jax.data.sources import DataError
 
   if not FLAGS['verbosity'].present:
     # Checkpointing logs several INFO lines per save; keep the terminal for the progress bar.
@@ -31,6 +32,9 @@ def main(argv):
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except configuration.ConfigError as error:
     print(f'imbal_jax: config error: {error}', file=sys.stderr)
+    sys.exit(2)
+  except DataError as error:
+    print(f'imbal_jax: data error: {error}', file=sys.stderr)
     sys.exit(2)
 
 

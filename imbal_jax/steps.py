@@ -28,10 +28,11 @@ class TrainState(train_state.TrainState):
 
 
 def preprocess(images, rng, *, pixel_mean, pixel_std, augment: str, crop_padding: int):
-  x = augment_lib.normalize(images, pixel_mean, pixel_std)
-  if rng is None:
-    return x
-  return augment_lib.augment(x, rng, augment, crop_padding)
+  """uint8 images -> augmented (when `rng` is given), normalised floats."""
+  x = images.astype(jnp.float32) / 255.0
+  if rng is not None:
+    x = augment_lib.augment(x, rng, augment, crop_padding)
+  return augment_lib.normalize(x, pixel_mean, pixel_std)
 
 
 def stage1_loss(params, batch_stats, images, labels, *, model: nn.Module,

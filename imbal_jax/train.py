@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import pathlib
 import platform
 import time
@@ -143,18 +144,35 @@ def evaluate(eval_fn, variables, split: sources.Split, batch_size: int, mesh) ->
   return np.concatenate(jax.device_get(outputs))[:len(split)]
 
 
-def describe_data(dataset: sources.Dataset) -> dict[str, Any]:
-  train_images = dataset.splits['train'].images.astype(np.float64) / 255.0
+def describe_data(dataset: sources.Dataset, seed: int) -> dict[str, Any]:
+  """What the run saw: classes, counts per split, pixel statistics, the split spec."""
+  train = dataset.splits['train']
+  # Pixel statistics from up to 10,000 training images (all of them for small sets).
+  sample = np.random.default_rng(seed).permutation(len(train))[:10_000]
+  pixels = train.take(np.sort(sample)).astype(np.float64) / 255.0
   return {
       'dataset': dataset.name,
       'class_names': list(dataset.class_names),
       'image_shape': list(dataset.image_shape),
       'counts': {split: dataset.class_counts(split).tolist() for split in sources.SPLITS},
-      'pixel_mean': train_images.mean(axis=(0, 1, 2)).tolist(),
+      'sizes': {split: len(dataset.splits[split]) for split in sources.SPLITS},
+      'pixel_mean': pixels.mean(axis=(0, 1, 2)).tolist(),
       # A floor keeps constant channels (blank borders) from dividing by zero.
-      'pixel_std': np.maximum(train_images.std(axis=(0, 1, 2)), 1e-3).tolist(),
-      'train_indices': None if dataset.train_indices is None else dataset.train_indices.tolist(),
+      'pixel_std': np.maximum(pixels.std(axis=(0, 1, 2)), 1e-3).tolist(),
+      'notes': list(dataset.notes),
+      'spec': sources.spec_to_json(dataset.spec),
   }
+
+
+def load_dataset(config, workdir: pathlib.Path) -> sources.Dataset:
+  """The run's data: the split saved in the workdir (resume) or by stage 1, else a new one."""
+  saved = workdir / 'data.json'
+  if config.stage == 'stage2':
+    saved = pathlib.Path(config.init_from) / 'data.json'
+  spec = None
+  if saved.is_file():
+    spec = sources.spec_from_json(json.loads(saved.read_text())['spec'])
+  return sources.load(config, spec)
 
 
 def _environment() -> dict[str, Any]:
@@ -183,10 +201,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       raise configuration.ConfigError(str(error)) from None
   is_writer = jax.process_index() == 0
 
-  dataset = sources.load(config)
-  data_info = describe_data(dataset)
-  logging.info('training images per class: %s', dict(zip(dataset.class_names,
-                                                          data_info['counts']['train'])))
+  dataset = load_dataset(config, workdir)
+  data_info = describe_data(dataset, config.seed)
+  if is_writer:
+    counts = ', '.join(f'{n}: {c}' for n, c in zip(dataset.class_names, data_info['counts']['train']))
+    print(f'{dataset.name}: {data_info["sizes"]} images per split; training images per class: '
+          f'{counts}')
+    for note in dataset.notes:
+      print(f'note: {note}')
   batches = pipeline.TrainBatches(dataset.splits['train'], dataset.num_classes,
                                   config.batch_size, config.sampler, config.seed,
                                   config.num_epochs)
@@ -200,8 +222,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   ckpt = checkpoint.Checkpoints(workdir)
   state = stage.state
   bookkeeping = {'best_score': -1.0, 'best_step': -1}
+  data_iterator = pipeline.train_iterator(batches, config.data_workers)
   if ckpt.latest_step is not None:
-    state, bookkeeping = ckpt.restore_state(state)
+    state, bookkeeping = ckpt.restore_state(state, data_iterator)
     logging.info('resumed from step %d in %s', int(state.step), workdir / 'checkpoints')
     print(f'Resuming {config.stage} from step {int(state.step)} ({workdir / "checkpoints"}).')
 
@@ -220,7 +243,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                   disable=not is_writer, dynamic_ncols=True)
   last_log_time, last_log_step = time.perf_counter(), start_step
   for step in range(start_step, total_steps):
-    batch = sharding.put_global_batch(batches.local_batch(step), mesh)
+    batch = sharding.put_global_batch(next(data_iterator), mesh)
     state, measurements = stage.train_step(state, batch, rng)
     done = step + 1
     progress.update(1)
@@ -255,7 +278,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                        {'step': done, 'epoch': epoch, 'split': 'val',
                         'metric': SELECTION_METRIC, 'score': val[SELECTION_METRIC]})
     if epoch_done and (epoch % config.checkpoint_every_epochs == 0 or done == total_steps):
-      ckpt.save_state(done, state, bookkeeping)
+      ckpt.save_state(done, state, bookkeeping, data_iterator)
     if epoch_done:  # Throughput counts training steps only, not evaluation or saving.
       last_log_time, last_log_step = time.perf_counter(), done
   progress.close()
@@ -268,7 +291,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       'dataset': dataset.name,
       'class_names': list(dataset.class_names),
       'train_counts': data_info['counts']['train'],
-      'split_sizes': {s: len(dataset.splits[s]) for s in sources.SPLITS},
+      'split_sizes': data_info['sizes'],
+      'data_notes': data_info['notes'],
       'selection': selected,
       **stage.extra_report,
   }

@@ -1,5 +1,6 @@
 """Long-tail protocol, samplers, digits source and batching."""
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -40,26 +41,79 @@ def test_longtail_indices_are_seeded_and_exact():
   assert len(np.unique(first)) == len(first)
 
 
+def digits_config(**overrides):
+  config = dict(dataset='digits', imbalance_ratio=10.0, seed=0, split_seed=0, val_fraction=0.1,
+                test_fraction=0.2)
+  config.update(overrides)
+  return ml_collections.ConfigDict(config)
+
+
 def test_digits_splits_balanced_disjoint_and_long_tailed():
-  data = sources.load_digits_lt(imbalance_ratio=10, seed=0)
+  data = sources.load(digits_config())
   val, test, train = (data.class_counts(s) for s in ('val', 'test', 'train'))
   assert val.tolist() == [20] * 10 and test.tolist() == [40] * 10
-  assert train[0] / train[-1] == pytest.approx(10, rel=0.1)
-  assert np.all(np.diff(train) <= 0)
-  assert data.image_shape == (8, 8, 1) and data.splits['train'].images.dtype == np.uint8
-  # Disjoint: no image appears in two splits (digits has a few exact duplicate images,
-  # so compare by source index via the seeded hold-out instead of pixels).
-  other = sources.load_digits_lt(imbalance_ratio=10, seed=1)
-  np.testing.assert_array_equal(other.splits['test'].images, data.splits['test'].images)
-  assert not np.array_equal(other.train_indices, data.train_indices)
+  assert train.tolist() == [118, 91, 70, 54, 42, 32, 25, 19, 15, 11]
+  assert data.image_shape == (8, 8, 1) and data.splits['train'].take([0]).dtype == np.uint8
+  rows = {s: set(data.splits[s].index.tolist()) for s in ('train', 'val', 'test')}
+  # The digits source hands over val and test as their own parts; train rows index the pool.
+  assert data.spec['val']['part'] == 'val' and data.spec['test']['part'] == 'test'
+  other = sources.load(digits_config(seed=1))
+  np.testing.assert_array_equal(other.splits['test'].take(np.arange(400)),
+                                data.splits['test'].take(np.arange(400)))
+  assert rows['train'] != set(other.splits['train'].index.tolist())
 
 
-def test_digits_holdouts_do_not_overlap_train():
-  labels = np.repeat(np.arange(3), 50)
-  held, rest = longtail.balanced_holdout(labels, 3, 10, seed=0)
-  assert len(np.intersect1d(held, rest)) == 0
-  assert len(held) + len(rest) == len(labels)
-  assert np.bincount(labels[held]).tolist() == [10, 10, 10]
+def test_spec_roundtrip_rebuilds_the_same_splits():
+  data = sources.load(digits_config(seed=3))
+  again = sources.load(digits_config(seed=99), sources.spec_from_json(
+      sources.spec_to_json(data.spec)))
+  for split in sources.SPLITS:
+    np.testing.assert_array_equal(again.splits[split].labels, data.splits[split].labels)
+    np.testing.assert_array_equal(again.splits[split].index, data.splits[split].index)
+
+
+def make_source(counts, balanced=False):
+  labels = np.repeat(np.arange(len(counts)), counts).astype(np.int32)
+  images = np.arange(len(labels), dtype=np.int64).astype(np.uint8).reshape(-1, 1, 1, 1)
+  return sources.Source('toy', tuple(f'c{i}' for i in range(len(counts))),
+                        {'train': sources.Split(images, labels)}, balanced=balanced)
+
+
+def test_protocol_carves_stratified_disjoint_val_and_test():
+  source = make_source([500, 200, 50, 10])
+  spec = sources.make_spec(source, None, seed=0, split_seed=0, val_fraction=0.1,
+                           test_fraction=0.2)
+  data = sources.build(source, spec)
+  assert data.class_counts('test').tolist() == [100, 40, 10, 2]
+  assert data.class_counts('val').tolist() == [40, 16, 4, 1]
+  assert data.class_counts('train').tolist() == [360, 144, 36, 7]
+  all_rows = np.concatenate([spec[s]['rows'] for s in sources.SPLITS])
+  assert len(np.unique(all_rows)) == len(all_rows) == 760  # disjoint, nothing dropped
+
+
+def test_protocol_subsamples_natural_data_by_count_rank():
+  source = make_source([40, 600, 120, 30])
+  spec = sources.make_spec(source, 10.0, seed=0, split_seed=0, val_fraction=0.1,
+                           test_fraction=0.2)
+  train = sources.build(source, spec).class_counts('train')
+  after_test = np.array([40, 600, 120, 30]) - np.round(0.2 * np.array([40, 600, 120, 30]))
+  pool = (after_test - np.round(0.1 * after_test)).astype(int)  # [29, 432, 86, 22]
+  assert train.tolist() == longtail.longtail_counts(pool, 10.0, order='count').tolist()
+  assert train[1] == 432 and train[3] == 22  # the rarest class keeps all it has
+
+
+def test_protocol_rejects_class_too_small_to_split():
+  with pytest.raises(sources.DataError, match='class 2 has only 1 image'):
+    sources.make_spec(make_source([50, 50, 1]), None, 0, 0, 0.1, 0.2)
+
+
+def test_build_rejects_class_without_training_image():
+  source = make_source([50, 50, 5])
+  spec = sources.make_spec(source, None, 0, 0, 0.1, 0.2)
+  spec['train']['rows'] = spec['train']['rows'][source.parts['train'].labels[
+      spec['train']['rows']] != 2]
+  with pytest.raises(sources.DataError, match=r"no training image for class\(es\) \['c2'\]"):
+    sources.build(source, spec)
 
 
 @pytest.mark.parametrize('sampler,power', [('class_balanced', 0.0), ('sqrt', 0.5),
@@ -107,3 +161,19 @@ def test_eval_batches_pad_and_mask_every_example_once():
     assert len(batch['label']) == 8
     seen += batch['label'][batch['mask'] > 0].tolist()
   assert seen == list(range(13))
+
+
+def test_grain_iterator_yields_step_batches_and_restores_its_position():
+  labels = np.repeat(np.arange(3), [20, 7, 3]).astype(np.int32)
+  split = sources.Split(np.arange(30, dtype=np.uint8).reshape(30, 1, 1, 1), labels)
+  batches = pipeline.TrainBatches(split, 3, batch_size=8, sampler='class_balanced', seed=0,
+                                  num_epochs=3)
+  iterator = pipeline.train_iterator(batches)
+  for step in range(5):
+    batch = next(iterator)
+    np.testing.assert_array_equal(batch['image'][:, 0, 0, 0], batches.indices(step))
+  state = iterator.get_state()
+  expected = next(iterator)
+  resumed = pipeline.train_iterator(batches)
+  resumed.set_state(state)
+  np.testing.assert_array_equal(next(resumed)['image'], expected['image'])

@@ -1,9 +1,12 @@
 """Host-side batching: training batches by step, padded evaluation batches.
 
-A training batch is a pure function of the global step, so resuming from a
-checkpoint at step s continues with exactly the batches an uninterrupted run
-would have seen. With several processes each takes its own contiguous slice
-of the global batch.
+A training batch is a pure function of the global step (the sampler is
+seeded by (seed, epoch)), so resuming at step s continues with exactly the
+batches an uninterrupted run would have seen. Batches are produced by a grain
+`MapDataset` over step numbers: grain prefetches them on threads (or on
+worker processes, `config.data_workers`) while the device trains, and its
+iterator state (the next step) is saved with each checkpoint. With several
+processes each takes its own contiguous slice of the global batch.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import math
 from typing import Iterator
 
+import grain
 import jax
 import numpy as np
 
@@ -52,7 +56,7 @@ class TrainBatches:
     per_process = self.batch_size // jax.process_count()
     start = jax.process_index() * per_process
     local = indices[start:start + per_process]
-    return {'image': self.split.images[local], 'label': self.split.labels[local]}
+    return {'image': self.split.take(local), 'label': self.split.labels[local]}
 
 
 def eval_batches(split: Split, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
@@ -60,8 +64,9 @@ def eval_batches(split: Split, batch_size: int) -> Iterator[dict[str, np.ndarray
   per_process = batch_size // jax.process_count()
   start = jax.process_index() * per_process
   for first in range(0, len(split), batch_size):
-    images = split.images[first:first + batch_size]
-    labels = split.labels[first:first + batch_size]
+    rows = np.arange(first, min(first + batch_size, len(split)))
+    images = split.take(rows)
+    labels = split.labels[rows]
     pad = batch_size - len(labels)
     mask = np.concatenate([np.ones(len(labels), np.float32), np.zeros(pad, np.float32)])
     if pad:
@@ -70,3 +75,13 @@ def eval_batches(split: Split, batch_size: int) -> Iterator[dict[str, np.ndarray
     yield {'image': images[start:start + per_process],
            'label': labels[start:start + per_process],
            'mask': mask[start:start + per_process]}
+
+
+def train_iterator(batches: TrainBatches, num_workers: int = 0, prefetch: int = 4):
+  """A grain iterator over this process's part of every training batch, in step order."""
+  dataset = grain.MapDataset.range(batches.total_steps).map(batches.local_batch)
+  iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=2,
+                                                       prefetch_buffer_size=prefetch))
+  if num_workers > 0:
+    iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return iter(iterable)

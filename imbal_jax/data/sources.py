@@ -1,12 +1,25 @@
-"""Data sources. Each returns a `Dataset`: uint8 NHWC images per split and labels.
+"""Data sets: read a source, then apply the split and long-tail protocol.
 
-Only the embedded scikit-learn digits source lives here for now; it needs no
-download (the 1,797 images ship inside scikit-learn).
+A reader (see readers.py) returns a `Source`: uint8 NHWC images and int labels
+per part as distributed ('train' always; 'val' and 'test' where the data set
+defines them), with class names from the data or its metadata. `build`
+then makes the three splits the training loop uses:
+
+1. parts the source lacks are carved out by a seeded stratified split
+   (`split_seed`, fixed across runs so every seed is scored on the same images);
+2. the training split is subsampled to `imbalance_ratio` with the exponential
+   profile (longtail.py), seeded by `seed`; `imbalance_ratio=None` keeps the
+   distribution as it is;
+3. every split must have every class in training and no split may be empty.
+
+The chosen indices (`Dataset.spec`) are written to the workdir and reused on
+resume and by stage 2, so a run always sees exactly the same images.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 
@@ -15,13 +28,44 @@ from imbal_jax.data import longtail
 SPLITS = ('train', 'val', 'test')
 
 
+class DataError(ValueError):
+  """Data that cannot be used as it is; the message names the file or field and the fix."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Split:
-  images: np.ndarray  # [n, height, width, channels] uint8
-  labels: np.ndarray  # [n] int32
+  """Images and labels of one split. `images` may be a memory map: `take` gathers rows."""
+
+  images: Any  # [n_source, height, width, channels] uint8 array or memmap
+  labels: np.ndarray  # [n] int32, already restricted to `index`
+  index: np.ndarray | None = None  # rows of `images` in this split (None: all, in order)
 
   def __len__(self) -> int:
     return len(self.labels)
+
+  def take(self, rows: np.ndarray) -> np.ndarray:
+    rows = np.asarray(rows)
+    return np.asarray(self.images[rows if self.index is None else self.index[rows]])
+
+  def subset(self, rows: np.ndarray) -> 'Split':
+    rows = np.asarray(rows, np.int64)
+    index = rows if self.index is None else self.index[rows]
+    return Split(self.images, self.labels[rows], index)
+
+  @property
+  def image_shape(self) -> tuple[int, ...]:
+    return tuple(self.images.shape[1:])
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  name: str
+  class_names: tuple[str, ...]
+  parts: dict[str, Split]
+  # Balanced sources rank classes by index for the long-tail profile (the CIFAR-LT
+  # convention); naturally imbalanced ones by their count.
+  balanced: bool = False
+  notes: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,8 +73,9 @@ class Dataset:
   name: str
   class_names: tuple[str, ...]
   splits: dict[str, Split]
-  # Where the training subset came from: indices into the source's training pool.
-  train_indices: np.ndarray | None = None
+  # split -> {'part': source part, 'rows': indices into that part}
+  spec: dict[str, dict[str, Any]]
+  notes: tuple[str, ...] = ()
 
   @property
   def num_classes(self) -> int:
@@ -38,50 +83,95 @@ class Dataset:
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
-    return tuple(self.splits['train'].images.shape[1:])
+    return self.splits['train'].image_shape
 
   def class_counts(self, split: str) -> np.ndarray:
     return np.bincount(self.splits[split].labels, minlength=self.num_classes)
 
 
-def load_digits_lt(imbalance_ratio: float, seed: int, val_per_class: int = 20,
-                   test_per_class: int = 40, split_seed: int = 0) -> Dataset:
-  """scikit-learn's handwritten digits (8x8 grey, 10 classes), long-tailed.
-
-  Validation and test are balanced, disjoint, seeded hold-outs of
-  `val_per_class` and `test_per_class` images per class, fixed by `split_seed`
-  so that runs with different seeds are scored on the same images; the
-  remaining pool is subsampled to `imbalance_ratio` with the exponential
-  profile (class 0 head), seeded by `seed`.
-  """
-  from sklearn.datasets import load_digits
-
-  bunch = load_digits()
-  # Pixel values are 0..16; scale to the 0..255 range every other source uses.
-  images = np.clip(bunch.images * 16.0, 0, 255).astype(np.uint8)[..., None]
-  labels = bunch.target.astype(np.int32)
-  num_classes = 10
-  test_idx, pool = longtail.balanced_holdout(labels, num_classes, test_per_class, split_seed)
-  val_in_pool, train_pool_pos = longtail.balanced_holdout(
-      labels[pool], num_classes, val_per_class, split_seed + 1)
-  val_idx = pool[val_in_pool]
-  train_pool = pool[train_pool_pos]
-  chosen = longtail.longtail_indices(labels[train_pool], num_classes, imbalance_ratio,
-                                     seed, order='index')
-  train_idx = train_pool[chosen]
-  splits = {name: Split(images[idx], labels[idx])
-            for name, idx in (('train', train_idx), ('val', val_idx), ('test', test_idx))}
-  return Dataset(name='digits', class_names=tuple(str(d) for d in range(num_classes)),
-                 splits=splits, train_indices=train_idx)
+def stratified_split(labels: np.ndarray, num_classes: int, fraction: float, seed: int,
+                     what: str) -> tuple[np.ndarray, np.ndarray]:
+  """(held_out, rest): `fraction` of each class (at least one image), seeded."""
+  rng = np.random.default_rng(seed)
+  held = []
+  for c in range(num_classes):
+    members = np.flatnonzero(labels == c)
+    if len(members) == 0:
+      continue
+    take = max(1, int(round(fraction * len(members))))
+    if take >= len(members):
+      raise DataError(
+          f'class {c} has only {len(members)} image(s): too few to split off a {what} '
+          f'split and keep some for training. Add images of that class or remove it.')
+    held.append(rng.choice(members, size=take, replace=False))
+  held = np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64)
+  return held, np.setdiff1d(np.arange(len(labels)), held)
 
 
-DATASETS = {'digits': load_digits_lt}
+def make_spec(source: Source, imbalance_ratio: float | None, seed: int, split_seed: int,
+              val_fraction: float, test_fraction: float) -> dict[str, dict[str, Any]]:
+  """Which rows of which source part make each split."""
+  num_classes = len(source.class_names)
+  train_labels = source.parts['train'].labels
+  pool = np.arange(len(train_labels))
+  spec = {}
+  for split, fraction, salt in (('test', test_fraction, 1), ('val', val_fraction, 2)):
+    if split in source.parts:
+      spec[split] = {'part': split, 'rows': np.arange(len(source.parts[split]))}
+    else:
+      held, rest = stratified_split(train_labels[pool], num_classes, fraction,
+                                    split_seed * 1000 + salt, split)
+      spec[split] = {'part': 'train', 'rows': pool[held]}
+      pool = pool[rest]
+  if imbalance_ratio is not None:
+    order = 'index' if source.balanced else 'count'
+    chosen = longtail.longtail_indices(train_labels[pool], num_classes, imbalance_ratio, seed,
+                                       order=order)
+    pool = pool[chosen]
+  spec['train'] = {'part': 'train', 'rows': pool}
+  return {split: spec[split] for split in SPLITS}
 
 
-def load(config) -> Dataset:
-  """The data set named by `config.dataset`, with its long-tail protocol applied."""
-  if config.dataset not in DATASETS:
-    raise ValueError(
-        f'config.dataset={config.dataset!r} is not a known data set; choose one of '
-        f'{sorted(DATASETS)}.')
-  return DATASETS[config.dataset](imbalance_ratio=config.imbalance_ratio, seed=config.seed)
+def build(source: Source, spec: dict[str, dict[str, Any]]) -> Dataset:
+  splits = {}
+  for split in SPLITS:
+    part = source.parts[spec[split]['part']]
+    rows = np.asarray(spec[split]['rows'], np.int64)
+    if len(rows) and rows.max() >= len(part):
+      raise DataError(
+          f'the saved {split} split refers to image {rows.max()} of the source\'s '
+          f'{spec[split]["part"]} part, which has {len(part)}: the data changed since the run '
+          'started. Start a fresh workdir.')
+    splits[split] = part.subset(rows)
+  dataset = Dataset(source.name, source.class_names, splits, spec, source.notes)
+  for split in SPLITS:
+    if len(dataset.splits[split]) == 0:
+      raise DataError(f'the {split} split of {source.name} is empty.')
+  missing = [source.class_names[c] for c in np.flatnonzero(dataset.class_counts('train') == 0)]
+  if missing:
+    raise DataError(f'no training image for class(es) {missing} of {source.name}; remove the '
+                    'class or add images of it.')
+  return dataset
+
+
+def spec_to_json(spec) -> dict:
+  return {s: {'part': v['part'], 'rows': np.asarray(v['rows']).tolist()} for s, v in spec.items()}
+
+
+def spec_from_json(payload) -> dict:
+  return {s: {'part': v['part'], 'rows': np.asarray(v['rows'], np.int64)}
+          for s, v in payload.items()}
+
+
+def load(config, spec=None) -> Dataset:
+  """The data set named by `config.dataset` with its protocol applied (or `spec`, if given)."""
+  from imbal_jax.data import readers
+
+  if config.dataset not in readers.READERS:
+    raise DataError(f'config.dataset={config.dataset!r} is not a known data set; choose one of '
+                    f'{sorted(readers.READERS)}.')
+  source = readers.READERS[config.dataset](config)
+  if spec is None:
+    spec = make_spec(source, config.imbalance_ratio, config.seed, config.get('split_seed', 0),
+                     config.get('val_fraction', 0.1), config.get('test_fraction', 0.2))
+  return build(source, spec)

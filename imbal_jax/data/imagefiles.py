@@ -1,0 +1,170 @@
+"""Image files: listing class folders and label CSVs, and decoding to uint8 arrays.
+
+Decoding resizes the shorter side to `image_size` and centre-crops a square,
+once; training then reads arrays (or a prepared cache), never JPEGs.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import os
+import pathlib
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from imbal_jax.data.sources import DataError
+
+IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp'}
+
+
+def decode_image(path: pathlib.Path, image_size: int) -> np.ndarray:
+  """One RGB uint8 [image_size, image_size, 3] image; raises DataError naming the file."""
+  try:
+    with Image.open(path) as image:
+      image = image.convert('RGB')
+      width, height = image.size
+      scale = image_size / min(width, height)
+      resized = image.resize((max(image_size, round(width * scale)),
+                              max(image_size, round(height * scale))), Image.BILINEAR)
+      left = (resized.width - image_size) // 2
+      top = (resized.height - image_size) // 2
+      return np.asarray(resized.crop((left, top, left + image_size, top + image_size)), np.uint8)
+  except Exception as error:  # PIL raises many types for broken files, bombs included
+    raise DataError(f'{path}: cannot decode image ({type(error).__name__}: {error}).') from None
+
+
+def decode_all(paths, image_size: int, skip_corrupt: bool = False, workers: int | None = None):
+  """(images [n, s, s, 3] uint8, indices of `paths` kept, notes).
+
+  A file that cannot be decoded stops everything with its name, unless
+  `skip_corrupt`, when it is left out and listed in the notes.
+  """
+  if not image_size or image_size <= 0:
+    raise DataError('config.image_size must be set (e.g. 64) for data sets of image files: '
+                    'every image is resized to image_size x image_size.')
+  paths = [pathlib.Path(p) for p in paths]
+  images = np.zeros((len(paths), image_size, image_size, 3), np.uint8)
+  failed = []
+  workers = workers or min(8, os.cpu_count() or 1)
+
+  def work(i):
+    try:
+      images[i] = decode_image(paths[i], image_size)
+      return None
+    except DataError as error:
+      return i, str(error)
+
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    for result in tqdm(pool.map(work, range(len(paths))), total=len(paths), desc='decoding',
+                       unit='img', leave=False, disable=len(paths) < 500):
+      if result is not None:
+        failed.append(result)
+  if failed and not skip_corrupt:
+    shown = '\n  '.join(message for _, message in failed[:10])
+    more = f'\n  ... and {len(failed) - 10} more' if len(failed) > 10 else ''
+    raise DataError(f'{len(failed)} image(s) cannot be read:\n  {shown}{more}\nFix or remove '
+                    'them, or set config.skip_corrupt=True to leave them out (they are then '
+                    'counted in the log and report).')
+  bad = {i for i, _ in failed}
+  kept = np.asarray([i for i in range(len(paths)) if i not in bad], np.int64)
+  notes = tuple(f'skipped corrupt image: {message}' for _, message in failed)
+  return images[kept], kept, notes
+
+
+def scan_class_folders(root: pathlib.Path):
+  """(paths, labels, class names): every folder that directly holds images is a class.
+
+  Class names are folder names, or paths relative to `root` where two folders
+  share a name (nested layouts such as Hyper-Kvasir's).
+  """
+  by_folder: dict[pathlib.Path, list[pathlib.Path]] = {}
+  for path in sorted(root.rglob('*')):
+    if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+      by_folder.setdefault(path.parent, []).append(path)
+  if root in by_folder:
+    raise DataError(f'{root}: images lie directly in the data folder; put each class in its own '
+                    'sub-folder (root/CLASS/image.jpg).')
+  if not by_folder:
+    raise DataError(f'{root}: no image files ({", ".join(sorted(IMAGE_SUFFIXES))}) found in '
+                    'class sub-folders.')
+  folders = sorted(by_folder)
+  leaf_names = [f.name for f in folders]
+  unique = len(set(leaf_names)) == len(leaf_names)
+  class_names = [f.name if unique else str(f.relative_to(root)) for f in folders]
+  paths, labels = [], []
+  for label, folder in enumerate(folders):
+    paths += by_folder[folder]
+    labels += [label] * len(by_folder[folder])
+  return paths, labels, class_names
+
+
+def _read_csv_rows(csv_path: pathlib.Path, required: list[str]) -> list[dict[str, str]]:
+  try:
+    with csv_path.open(newline='', encoding='utf-8') as handle:
+      reader = csv.DictReader(handle)
+      columns = reader.fieldnames or []
+      rows = list(reader)
+  except (UnicodeDecodeError, csv.Error) as error:
+    raise DataError(f'{csv_path}: not a readable UTF-8 CSV ({error}).') from None
+  missing = [c for c in required if c not in columns]
+  if missing:
+    raise DataError(f'{csv_path}: missing column(s) {missing}; found {columns}.')
+  if not rows:
+    raise DataError(f'{csv_path}: no rows.')
+  return rows
+
+
+def _check_unique(values, csv_path, what):
+  seen, duplicates = set(), []
+  for value in values:
+    if value in seen:
+      duplicates.append(value)
+    seen.add(value)
+  if duplicates:
+    raise DataError(f'{csv_path}: duplicate {what} {duplicates[:5]}; each image must appear once.')
+
+
+def read_path_label_csv(csv_path: pathlib.Path):
+  """(paths, labels, class names) from a CSV with columns path,label."""
+  rows = _read_csv_rows(csv_path, ['path', 'label'])
+  raw_labels = [row['label'].strip() for row in rows]
+  if any(not label for label in raw_labels):
+    line = raw_labels.index('') + 2
+    raise DataError(f'{csv_path}: empty label on line {line}.')
+  _check_unique([row['path'] for row in rows], csv_path, 'path(s)')
+  names = sorted(set(raw_labels), key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
+  index = {name: i for i, name in enumerate(names)}
+  paths = [csv_path.parent / row['path'] for row in rows]
+  return paths, [index[label] for label in raw_labels], names
+
+
+def read_isic_csv(csv_path: pathlib.Path, image_dir: pathlib.Path):
+  """(paths, labels, class names, notes) from an ISIC ground-truth CSV (one-hot columns)."""
+  rows = _read_csv_rows(csv_path, ['image'])
+  columns = [c for c in rows[0].keys() if c != 'image']
+  try:
+    onehot = np.asarray([[float(row[c]) for c in columns] for row in rows])
+  except (TypeError, ValueError):
+    raise DataError(f'{csv_path}: class columns {columns} must hold 0/1 values.') from None
+  notes = []
+  # ISIC 2019's UNK ('none of the others') column is empty in the training data.
+  empty = [c for i, c in enumerate(columns) if onehot[:, i].sum() == 0]
+  if 'UNK' in empty:
+    keep = [i for i, c in enumerate(columns) if c != 'UNK']
+    columns, onehot = [columns[i] for i in keep], onehot[:, keep]
+    notes.append(f'{csv_path.name}: dropped the empty UNK column.')
+  per_row = onehot.sum(axis=1)
+  bad = np.flatnonzero((per_row != 1) | ~np.isin(onehot, (0, 1)).all(axis=1))
+  if len(bad):
+    raise DataError(f'{csv_path}: line {bad[0] + 2} ({rows[bad[0]]["image"]}) must have exactly '
+                    f'one class set to 1 ({len(bad)} such row(s)).')
+  _check_unique([row['image'] for row in rows], csv_path, 'image id(s)')
+  paths = []
+  for row in rows:
+    matches = [image_dir / f'{row["image"]}{s}' for s in ('.jpg', '.jpeg', '.png')]
+    found = next((p for p in matches if p.is_file()), None)
+    paths.append(found or matches[0])
+  return paths, onehot.argmax(axis=1).tolist(), columns, tuple(notes)

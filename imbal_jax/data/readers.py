@@ -1,0 +1,296 @@
+"""Readers: files as distributed -> `Source`. One function per format.
+
+Every problem with a file is one DataError naming the file and the fix; no
+image or label is dropped without being counted (`skip_corrupt`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import pathlib
+import struct
+
+import numpy as np
+
+from imbal_jax.data import imagefiles, longtail
+from imbal_jax.data.sources import DataError, Source, Split
+
+# Published MD5 sums of official MedMNIST (v3, zenodo record 10519652) files, from
+# the MedMNIST package's medmnist/info.py; the 28 px files keep their v2 names.
+MEDMNIST_MD5 = {
+    'pathmnist': ('a8b06965200029087d5bd730944a56c1', '55aa9c1e0525abe5a6b9d8343a507616',
+                  'ac42d08fb904d92c244187169d1fd1d9', '2c51a510bcdc9cf8ddb2af93af1eadec'),
+    'dermamnist': ('0744692d530f8e62ec473284d019b0c7', 'b70a2f5635c6199aeaa28c31d7202e1f',
+                   '2defd784463fa5243564e855ed717de1', '8974907d8e169bef5f5b96bc506ae45d'),
+    'octmnist': ('c68d92d5b585d8d81f7112f81e2d0842', 'e229e9440236b774d9f0dfef9d07bdaf',
+                 '0a97e76651ace45c5d943ee3f65b63ae', 'abc493b6d529d5de7569faaef2773ba3'),
+    'pneumoniamnist': ('28209eda62fecd6e6a2d98b1501bb15f', '8f4eceb4ccffa70c672198ea285246c6',
+                       '05b46931834c231683c68f40c47b2971', 'd6a3c71de1b945ea11211b03746c1fe1'),
+    'retinamnist': ('bd4c0672f1bba3e3a89f0e4e876791e4', 'afda852cc34dcda56f86ad2b2457dbcc',
+                    'e48e916a24454daf90583d4e6efb1a18', 'eae7e3b6f3fcbda4ae613ebdcbe35348'),
+    'breastmnist': ('750601b1f35ba3300ea97c75c52ff8f6', '742edef2a1fd1524b2efff4bd7ba9364',
+                    '363e4b3f8d712e9b5de15470a2aaadf1', 'b56378a6eefa9fed602bb16d192d4c8b'),
+    'bloodmnist': ('7053d0359d879ad8a5505303e11de1dc', '2b94928a2ae4916078ca51e05b6b800b',
+                   'adace1e0ed228fccda1f39692059dd4c', 'b718ff6835fcbdb22ba9eacccd7b2601'),
+    'tissuemnist': ('ebe78ee8b05294063de985d821c1c34b', '123ece2eba09d0aa5d698fda57103344',
+                    '61b955355d7425a89687b06cca3ce0c2', 'b077128c4a949f0a4eb01517f9037b9c'),
+}
+MEDMNIST_SIZES = (28, 64, 128, 224)
+
+
+def _require(path: str, field: str, what: str) -> pathlib.Path:
+  if not path:
+    raise DataError(f'config.{field} is empty; set it to {what}.')
+  resolved = pathlib.Path(path).expanduser()
+  if not resolved.exists():
+    raise DataError(f'config.{field}={path!r} does not exist; set it to {what}.')
+  return resolved
+
+
+def _sidecar_class_names(path: pathlib.Path) -> list[str] | None:
+  """Class names from `<file>.json` ('classes') or `classes.txt` beside the data."""
+  sidecar = path.with_suffix('.json') if path.is_file() else path / 'classes.json'
+  if sidecar.is_file():
+    payload = json.loads(sidecar.read_text())
+    if isinstance(payload.get('classes'), list):
+      return [str(name) for name in payload['classes']]
+  text = (path.parent if path.is_file() else path) / 'classes.txt'
+  if text.is_file():
+    return [line.strip() for line in text.read_text().splitlines() if line.strip()]
+  return None
+
+
+def _class_names(path: pathlib.Path, labels: list[np.ndarray]) -> tuple[str, ...]:
+  highest = max(int(l.max()) for l in labels if len(l)) + 1
+  names = _sidecar_class_names(path)
+  if names is None:
+    return tuple(str(c) for c in range(highest))
+  if len(names) < highest:
+    raise DataError(f'{path}: labels go up to {highest - 1} but the class-name metadata lists '
+                    f'only {len(names)} classes; fix the labels or the class list.')
+  return tuple(names)
+
+
+def _as_nhwc(images: np.ndarray, where: str) -> np.ndarray:
+  if images.dtype != np.uint8:
+    raise DataError(f'{where}: images must be uint8 (0-255), got {images.dtype}.')
+  if images.ndim == 3:
+    images = images[..., None]
+  if images.ndim != 4 or images.shape[-1] not in (1, 3):
+    raise DataError(f'{where}: images must be [n, height, width] or [n, height, width, 1|3], '
+                    f'got shape {images.shape}.')
+  return images
+
+
+def _as_labels(labels: np.ndarray, count: int, where: str) -> np.ndarray:
+  if labels.ndim == 2 and labels.shape[1] == 1:
+    labels = labels[:, 0]
+  if labels.ndim != 1:
+    raise DataError(f'{where}: labels must be one integer per image (multi-label data such as '
+                    f'ChestMNIST is not supported), got shape {labels.shape}.')
+  if len(labels) != count:
+    raise DataError(f'{where}: {count} images but {len(labels)} labels.')
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise DataError(f'{where}: labels must be integers, got {labels.dtype}.')
+  if len(labels) and labels.min() < 0:
+    raise DataError(f'{where}: negative label {labels.min()}; labels must be 0..C-1.')
+  return labels.astype(np.int32)
+
+
+def digits(config) -> Source:
+  """scikit-learn's handwritten digits (8x8 grey, 10 classes), shipped with scikit-learn.
+
+  Validation and test are balanced hold-outs of 20 and 40 images per class,
+  fixed by split_seed; the rest is the training pool.
+  """
+  from sklearn.datasets import load_digits
+
+  bunch = load_digits()
+  # Pixel values are 0..16; scale to the 0..255 range every other source uses.
+  images = np.clip(bunch.images * 16.0, 0, 255).astype(np.uint8)[..., None]
+  labels = bunch.target.astype(np.int32)
+  split_seed = config.get('split_seed', 0)
+  test, pool = longtail.balanced_holdout(labels, 10, 40, split_seed)
+  val_in_pool, train_in_pool = longtail.balanced_holdout(labels[pool], 10, 20, split_seed + 1)
+  parts = {'train': pool[train_in_pool], 'val': pool[val_in_pool], 'test': test}
+  return Source('digits', tuple(str(d) for d in range(10)),
+                {name: Split(images[idx], labels[idx]) for name, idx in parts.items()},
+                balanced=True)
+
+
+def medmnist_md5_note(path: pathlib.Path) -> str | None:
+  """Checks an official MedMNIST file name against its published MD5; a note or None."""
+  stem = path.stem
+  name, _, size = stem.partition('_')
+  if name not in MEDMNIST_MD5:
+    return None
+  size = int(size) if size.isdigit() else 28
+  if size not in MEDMNIST_SIZES:
+    return None
+  expected = MEDMNIST_MD5[name][MEDMNIST_SIZES.index(size)]
+  digest = hashlib.md5()
+  with path.open('rb') as handle:
+    for chunk in iter(lambda: handle.read(1 << 20), b''):
+      digest.update(chunk)
+  if digest.hexdigest() == expected:
+    return f'{path.name}: MD5 matches the published MedMNIST file.'
+  return (f'{path.name}: MD5 {digest.hexdigest()} differs from the published {expected} of the '
+          'official MedMNIST file: this is a different or modified copy.')
+
+
+def medmnist(config) -> Source:
+  """A MedMNIST-layout .npz: {train,val,test}_{images,labels}, grey or RGB, any size."""
+  path = _require(config.data_path, 'data_path', 'a MedMNIST-format .npz file')
+  try:
+    archive = np.load(path, allow_pickle=False)
+  except Exception as error:  # zip, pickle and value errors all mean: not a usable npz
+    raise DataError(f'{path}: not a readable .npz file ({error}).') from None
+  with archive:
+    keys = set(archive.files)
+    parts = [p for p in ('train', 'val', 'test') if f'{p}_images' in keys]
+    missing = [k for p in ('train',) + tuple(parts) for k in (f'{p}_images', f'{p}_labels')
+               if k not in keys]
+    if 'train' not in parts or missing:
+      raise DataError(f'{path}: missing key(s) {sorted(set(missing) or {"train_images"})}; a '
+                      f'MedMNIST file has train_/val_/test_ images and labels (found '
+                      f'{sorted(keys)}).')
+    splits = {}
+    for part in parts:
+      images = _as_nhwc(archive[f'{part}_images'], f'{path}[{part}_images]')
+      labels = _as_labels(archive[f'{part}_labels'], len(images), f'{path}[{part}_labels]')
+      splits[part] = Split(images, labels)
+  class_names = _class_names(path, [s.labels for s in splits.values()])
+  note = medmnist_md5_note(path)
+  return Source(path.stem, class_names, splits, notes=(note,) if note else ())
+
+
+def _read_idx(path: pathlib.Path) -> np.ndarray:
+  opener = gzip.open if path.suffix == '.gz' else open
+  try:
+    with opener(path, 'rb') as handle:
+      raw = handle.read()
+  except (OSError, EOFError) as error:
+    raise DataError(f'{path}: cannot read ({error}).') from None
+  if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+    raise DataError(f'{path}: not an unsigned-byte IDX file (bad magic number).')
+  ndim = raw[3]
+  header = 4 + 4 * ndim
+  if len(raw) < header:
+    raise DataError(f'{path}: truncated IDX header.')
+  shape = struct.unpack(f'>{ndim}I', raw[4:header])
+  expected = int(np.prod(shape))
+  if len(raw) - header != expected:
+    raise DataError(f'{path}: header says shape {shape} ({expected} bytes) but the file holds '
+                    f'{len(raw) - header} bytes: truncated or corrupt.')
+  return np.frombuffer(raw, np.uint8, offset=header).reshape(shape)
+
+
+def _idx_file(directory: pathlib.Path, stem: str) -> pathlib.Path:
+  for candidate in (directory / stem, directory / f'{stem}.gz'):
+    if candidate.is_file():
+      return candidate
+  raise DataError(f'{directory}: no {stem} or {stem}.gz; an IDX data set (MNIST layout) has '
+                  'train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte '
+                  'and t10k-labels-idx1-ubyte.')
+
+
+def idx(config) -> Source:
+  """IDX files (MNIST / Fashion-MNIST layout): 'train' and 't10k' -> train and test."""
+  directory = _require(config.data_path, 'data_path', 'a folder with MNIST-layout IDX files')
+  parts = {}
+  for part, prefix in (('train', 'train'), ('test', 't10k')):
+    images = _read_idx(_idx_file(directory, f'{prefix}-images-idx3-ubyte'))
+    labels_path = _idx_file(directory, f'{prefix}-labels-idx1-ubyte')
+    labels = _as_labels(_read_idx(labels_path), len(images), str(labels_path))
+    parts[part] = Split(_as_nhwc(images, str(directory)), labels)
+  class_names = _class_names(directory, [s.labels for s in parts.values()])
+  return Source(directory.name, class_names, parts, balanced=True)
+
+
+def _image_source(config, name: str, paths, labels, class_names) -> Source:
+  images, kept, notes = imagefiles.decode_all(paths, config.image_size,
+                                              skip_corrupt=config.skip_corrupt)
+  labels = np.asarray(labels, np.int32)[kept]
+  return Source(name, tuple(class_names), {'train': Split(images, labels)}, notes=notes)
+
+
+def folder(config) -> Source:
+  """One sub-folder per class (ImageFolder; nested folders as in Hyper-Kvasir)."""
+  root = _require(config.data_path, 'data_path', 'a folder with one sub-folder per class')
+  paths, labels, class_names = imagefiles.scan_class_folders(root)
+  return _image_source(config, root.name, paths, labels, class_names)
+
+
+def csv_list(config) -> Source:
+  """A CSV with columns path,label (paths relative to the CSV's folder)."""
+  csv_path = _require(config.data_path, 'data_path', 'a CSV file with columns path,label')
+  paths, labels, class_names = imagefiles.read_path_label_csv(csv_path)
+  return _image_source(config, csv_path.stem, paths, labels, class_names)
+
+
+def isic(config) -> Source:
+  """ISIC 2018 Task 3 / ISIC 2019: an image folder plus the ground-truth CSV."""
+  image_dir = _require(config.data_path, 'data_path', 'the ISIC training-image folder')
+  csv_path = _require(config.labels_csv, 'labels_csv', 'the ISIC ground-truth CSV')
+  paths, labels, class_names, notes = imagefiles.read_isic_csv(csv_path, image_dir)
+  source = _image_source(config, csv_path.stem, paths, labels, class_names)
+  return Source(source.name, source.class_names, source.parts, notes=notes + source.notes)
+
+
+def prepared(config) -> Source:
+  """A cache written by `python -m imbal_jax.prepare` (memory-mapped .npy files)."""
+  directory = _require(config.data_path, 'data_path', 'a folder written by imbal_jax.prepare')
+  meta_path = directory / 'meta.json'
+  if not meta_path.is_file():
+    raise DataError(f'{directory}: no meta.json; it was not written by imbal_jax.prepare '
+                    '(or preparation did not finish). Run the prepare command again.')
+  meta = json.loads(meta_path.read_text())
+  images = np.load(directory / 'images.npy', mmap_mode='r')
+  labels = np.load(directory / 'labels.npy')
+  parts = np.load(directory / 'parts.npy')
+  splits = {name: Split(images, labels[parts == code], np.flatnonzero(parts == code))
+            for code, name in enumerate(('train', 'val', 'test')) if np.any(parts == code)}
+  return Source(meta['name'], tuple(meta['class_names']), splits,
+                notes=tuple(meta.get('notes', ())))
+
+
+def tfds_source(config) -> Source:
+  """A data set prepared by tensorflow-datasets in array_record format (tfds.data_source)."""
+  import tensorflow_datasets as tfds
+
+  name = config.tfds_name
+  try:
+    builder = tfds.builder(name, data_dir=config.data_dir or None)
+    info = builder.info
+    parts = {}
+    for part in ('train', 'validation', 'test'):
+      if part not in info.splits:
+        continue
+      source = tfds.data_source(name, split=part, data_dir=config.data_dir or None,
+                                download=False)
+      records = [source[i] for i in range(len(source))]
+      images = _as_nhwc(np.stack([np.asarray(r['image']) for r in records]), f'{name}:{part}')
+      labels = _as_labels(np.asarray([r['label'] for r in records]), len(images), f'{name}:{part}')
+      parts['val' if part == 'validation' else part] = Split(images, labels)
+    class_names = tuple(info.features['label'].names)
+  except DataError:
+    raise
+  except Exception as error:
+    raise DataError(f'tfds data set {name!r} in config.data_dir={config.data_dir!r} cannot be '
+                    f'read as array_record ({type(error).__name__}: {error}). Prepare it first, '
+                    f'e.g. `tfds build {name} --file_format=array_record`.') from None
+  return Source(name, class_names, parts, balanced=True)
+
+
+READERS = {
+    'digits': digits,
+    'medmnist': medmnist,
+    'idx': idx,
+    'folder': folder,
+    'csv': csv_list,
+    'isic': isic,
+    'prepared': prepared,
+    'tfds': tfds_source,
+}

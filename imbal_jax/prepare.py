@@ -1,0 +1,81 @@
+"""Decode and resize an image-file data set once into a memory-mapped cache.
+
+  python -m imbal_jax.prepare --dataset=isic --data_path=ISIC_2019_Training_Input \
+      --labels_csv=ISIC_2019_Training_GroundTruth.csv --image_size=224 --output=data/isic2019_224
+
+Then train with --config.dataset=prepared --config.data_path=data/isic2019_224.
+The cache holds images.npy (uint8 [n, s, s, 3], read as a memory map),
+labels.npy, parts.npy (0 = train, 1 = val, 2 = test) and meta.json, which is
+written last: a cache without it is incomplete and is refused.
+"""
+
+import json
+import pathlib
+import sys
+
+import ml_collections
+import numpy as np
+from absl import app, flags
+
+from imbal_jax import reporting
+from imbal_jax.data import readers
+from imbal_jax.data.sources import DataError
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum('dataset', None, ['folder', 'csv', 'isic'], 'Layout of the image files.')
+flags.DEFINE_string('data_path', None, 'Class-folder root, path,label CSV, or ISIC image folder.')
+flags.DEFINE_string('labels_csv', '', 'ISIC ground-truth CSV (dataset=isic).')
+flags.DEFINE_integer('image_size', 64, 'Images are resized (shorter side) and centre-cropped.')
+flags.DEFINE_string('output', None, 'Directory for the cache (must not hold one already).')
+flags.DEFINE_bool('skip_corrupt', False, 'Leave out unreadable images (listed in meta.json).')
+flags.mark_flags_as_required(['dataset', 'data_path', 'output'])
+
+
+def prepare(dataset: str, data_path: str, output: str, image_size: int, labels_csv: str = '',
+            skip_corrupt: bool = False) -> dict:
+  """Writes the cache; returns its metadata."""
+  output = pathlib.Path(output)
+  if (output / 'meta.json').exists():
+    raise DataError(f'{output} already holds a prepared data set; choose another --output or '
+                    'delete it.')
+  config = ml_collections.ConfigDict(dict(data_path=data_path, labels_csv=labels_csv,
+                                          image_size=image_size, skip_corrupt=skip_corrupt))
+  source = readers.READERS[dataset](config)
+  output.mkdir(parents=True, exist_ok=True)
+  images, labels, parts = [], [], []
+  for code, part in enumerate(('train', 'val', 'test')):
+    if part in source.parts:
+      split = source.parts[part]
+      images.append(split.take(np.arange(len(split))))
+      labels.append(split.labels)
+      parts.append(np.full(len(split), code, np.int8))
+  np.save(output / 'images.npy', np.concatenate(images))
+  np.save(output / 'labels.npy', np.concatenate(labels).astype(np.int32))
+  np.save(output / 'parts.npy', np.concatenate(parts))
+  meta = {'name': source.name, 'class_names': list(source.class_names),
+          'image_size': image_size, 'count': int(sum(len(l) for l in labels)),
+          'class_counts': np.bincount(np.concatenate(labels),
+                                      minlength=len(source.class_names)).tolist(),
+          'source': {'dataset': dataset, 'data_path': str(data_path), 'labels_csv': labels_csv},
+          'notes': list(source.notes)}
+  reporting.write_json(output / 'meta.json', meta)
+  return meta
+
+
+def main(argv):
+  del argv
+  try:
+    meta = prepare(FLAGS.dataset, FLAGS.data_path, FLAGS.output, FLAGS.image_size,
+                   FLAGS.labels_csv, FLAGS.skip_corrupt)
+  except DataError as error:
+    print(f'imbal_jax: data error: {error}', file=sys.stderr)
+    sys.exit(2)
+  print(json.dumps({k: meta[k] for k in ('name', 'count', 'class_names', 'class_counts')}))
+  for note in meta['notes']:
+    print(f'note: {note}')
+  print(f'Prepared {meta["count"]} images in {FLAGS.output}; train with '
+        f'--config.dataset=prepared --config.data_path={FLAGS.output}')
+
+
+if __name__ == '__main__':
+  app.run(main)

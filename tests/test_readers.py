@@ -1,0 +1,234 @@
+"""Readers on small files written here: good files read exactly, bad ones give one clear error."""
+
+import gzip
+import json
+import struct
+
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from imbal_jax import prepare
+from imbal_jax.data import readers, sources
+from imbal_jax.data.sources import DataError
+
+
+def cfg(**fields):
+  base = dict(data_path='', labels_csv='', image_size=0, skip_corrupt=False, tfds_name='',
+              data_dir='')
+  base.update(fields)
+  return ml_collections.ConfigDict(base)
+
+
+def write_npz(path, rgb=True, n=(30, 6, 9), classes=3, **overrides):
+  rng = np.random.default_rng(0)
+  arrays = {}
+  for part, count in zip(('train', 'val', 'test'), n):
+    shape = (count, 8, 8, 3) if rgb else (count, 8, 8)
+    arrays[f'{part}_images'] = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    arrays[f'{part}_labels'] = (np.arange(count) % classes).reshape(-1, 1)
+  arrays.update(overrides)
+  arrays = {k: v for k, v in arrays.items() if v is not None}
+  np.savez(path, **arrays)
+  return arrays
+
+
+def test_medmnist_npz_reads_every_split_exactly(tmp_path):
+  arrays = write_npz(tmp_path / 'toy.npz', rgb=False)
+  source = readers.medmnist(cfg(data_path=str(tmp_path / 'toy.npz')))
+  assert source.class_names == ('0', '1', '2')
+  for part in ('train', 'val', 'test'):
+    split = source.parts[part]
+    np.testing.assert_array_equal(split.take(np.arange(len(split)))[..., 0],
+                                  arrays[f'{part}_images'])
+    np.testing.assert_array_equal(split.labels, arrays[f'{part}_labels'][:, 0])
+
+
+def test_medmnist_class_names_from_sidecar(tmp_path):
+  write_npz(tmp_path / 'skin.npz')
+  (tmp_path / 'skin.json').write_text(json.dumps({'classes': ['nv', 'mel', 'df']}))
+  assert readers.medmnist(cfg(data_path=str(tmp_path / 'skin.npz'))).class_names == (
+      'nv', 'mel', 'df')
+  (tmp_path / 'skin.json').write_text(json.dumps({'classes': ['nv', 'mel']}))
+  with pytest.raises(DataError, match='labels go up to 2 but the class-name metadata lists only 2'):
+    readers.medmnist(cfg(data_path=str(tmp_path / 'skin.npz')))
+
+
+@pytest.mark.parametrize('overrides,message', [
+    ({'train_labels': None}, r"missing key\(s\) \['train_labels'\]"),
+    ({'val_images': np.zeros((6, 8), np.uint8)}, r'\[val_images\].*shape \(6, 8\)'),
+    ({'train_images': np.zeros((30, 8, 8), np.float32)}, 'must be uint8'),
+    ({'test_labels': np.zeros((9, 14), np.int64)}, 'multi-label'),
+    ({'train_labels': np.zeros(29, np.int64)}, '30 images but 29 labels'),
+    ({'train_labels': -np.ones(30, np.int64)}, 'negative label'),
+])
+def test_medmnist_bad_files_name_the_problem(tmp_path, overrides, message):
+  write_npz(tmp_path / 'bad.npz', **overrides)
+  with pytest.raises(DataError, match=message):
+    readers.medmnist(cfg(data_path=str(tmp_path / 'bad.npz')))
+
+
+def test_medmnist_missing_and_unreadable_files(tmp_path):
+  with pytest.raises(DataError, match='does not exist'):
+    readers.medmnist(cfg(data_path=str(tmp_path / 'nope.npz')))
+  (tmp_path / 'junk.npz').write_bytes(b'not a zip file')
+  with pytest.raises(DataError, match='junk.npz: not a readable .npz'):
+    readers.medmnist(cfg(data_path=str(tmp_path / 'junk.npz')))
+
+
+def test_official_medmnist_name_with_other_content_is_flagged(tmp_path):
+  write_npz(tmp_path / 'dermamnist_64.npz')
+  source = readers.medmnist(cfg(data_path=str(tmp_path / 'dermamnist_64.npz')))
+  assert any('differs from the published b70a2f5635c6199aeaa28c31d7202e1f' in n
+             for n in source.notes)
+  write_npz(tmp_path / 'mydata.npz')
+  assert readers.medmnist(cfg(data_path=str(tmp_path / 'mydata.npz'))).notes == ()
+
+
+def write_idx(path, array, compress):
+  header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f'>{array.ndim}I', *array.shape)
+  payload = header + array.astype(np.uint8).tobytes()
+  if compress:
+    path = path.with_name(path.name + '.gz')
+    payload = gzip.compress(payload)
+  path.write_bytes(payload)
+  return path
+
+
+@pytest.mark.parametrize('compress', [False, True])
+def test_idx_reads_train_and_test(tmp_path, compress):
+  rng = np.random.default_rng(1)
+  arrays = {}
+  for prefix, n in (('train', 40), ('t10k', 12)):
+    arrays[prefix] = (rng.integers(0, 256, (n, 5, 5), dtype=np.uint8), np.arange(n) % 4)
+    write_idx(tmp_path / f'{prefix}-images-idx3-ubyte', arrays[prefix][0], compress)
+    write_idx(tmp_path / f'{prefix}-labels-idx1-ubyte', arrays[prefix][1], compress)
+  source = readers.idx(cfg(data_path=str(tmp_path)))
+  assert set(source.parts) == {'train', 'test'} and source.balanced
+  np.testing.assert_array_equal(source.parts['test'].take(np.arange(12))[..., 0], arrays['t10k'][0])
+  np.testing.assert_array_equal(source.parts['train'].labels, arrays['train'][1])
+
+
+def test_idx_truncated_and_missing_files(tmp_path):
+  images = np.zeros((10, 4, 4), np.uint8)
+  path = write_idx(tmp_path / 'train-images-idx3-ubyte', images, compress=False)
+  path.write_bytes(path.read_bytes()[:-7])
+  write_idx(tmp_path / 'train-labels-idx1-ubyte', np.zeros(10, np.uint8), compress=False)
+  with pytest.raises(DataError, match='train-images-idx3-ubyte: header says shape'):
+    readers.idx(cfg(data_path=str(tmp_path)))
+  write_idx(tmp_path / 'train-images-idx3-ubyte', images, compress=False)
+  with pytest.raises(DataError, match='no t10k-images-idx3-ubyte'):
+    readers.idx(cfg(data_path=str(tmp_path)))
+
+
+def write_png(path, colour, size=(12, 9)):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  Image.new('RGB', size, colour).save(path)
+
+
+def make_folder_tree(root):
+  for i in range(3):
+    write_png(root / 'upper' / 'polyp' / f'p{i}.png', (200, 0, 0))
+    write_png(root / 'lower' / 'polyp' / f'q{i}.png', (0, 200, 0))
+    write_png(root / 'ulcer' / f'u{i}.jpg', (0, 0, 200))
+  (root / 'ulcer' / 'notes.txt').write_text('ignored: not an image')
+
+
+def test_folder_nested_classes_decode_and_resize(tmp_path):
+  make_folder_tree(tmp_path / 'data')
+  source = readers.folder(cfg(data_path=str(tmp_path / 'data'), image_size=6))
+  # 'polyp' appears twice, so names are paths relative to the root.
+  assert source.class_names == ('lower/polyp', 'ulcer', 'upper/polyp')
+  train = source.parts['train']
+  images = train.take(np.arange(len(train)))
+  assert images.shape == (9, 6, 6, 3) and np.bincount(train.labels).tolist() == [3, 3, 3]
+  assert np.all(images[train.labels == 0][..., 1] > 150)  # green class stays green
+
+
+def test_folder_corrupt_image_named_or_skipped_and_counted(tmp_path):
+  make_folder_tree(tmp_path / 'data')
+  (tmp_path / 'data' / 'ulcer' / 'broken.jpg').write_bytes(b'\xff\xd8 truncated')
+  with pytest.raises(DataError, match=r'1 image\(s\) cannot be read:\n  .*broken.jpg'):
+    readers.folder(cfg(data_path=str(tmp_path / 'data'), image_size=6))
+  source = readers.folder(cfg(data_path=str(tmp_path / 'data'), image_size=6, skip_corrupt=True))
+  assert len(source.parts['train']) == 9
+  assert len(source.notes) == 1 and 'broken.jpg' in source.notes[0]
+
+
+def test_folder_layout_errors(tmp_path):
+  write_png(tmp_path / 'flat' / 'a.png', (1, 2, 3))
+  with pytest.raises(DataError, match='images lie directly in the data folder'):
+    readers.folder(cfg(data_path=str(tmp_path / 'flat'), image_size=4))
+  (tmp_path / 'empty').mkdir()
+  with pytest.raises(DataError, match='no image files'):
+    readers.folder(cfg(data_path=str(tmp_path / 'empty'), image_size=4))
+  make_folder_tree(tmp_path / 'data')
+  with pytest.raises(DataError, match='config.image_size must be set'):
+    readers.folder(cfg(data_path=str(tmp_path / 'data')))
+
+
+def test_csv_of_paths_and_labels(tmp_path):
+  for i in range(4):
+    write_png(tmp_path / 'img' / f'{i}.png', (i * 50, 0, 0))
+  (tmp_path / 'list.csv').write_text('path,label\nimg/0.png,benign\nimg/1.png,malignant\n'
+                                     'img/2.png,benign\nimg/3.png,benign\n')
+  source = readers.csv_list(cfg(data_path=str(tmp_path / 'list.csv'), image_size=4))
+  assert source.class_names == ('benign', 'malignant')
+  assert source.parts['train'].labels.tolist() == [0, 1, 0, 0]
+  (tmp_path / 'bad.csv').write_text('file,label\nimg/0.png,benign\n')
+  with pytest.raises(DataError, match=r"bad.csv: missing column\(s\) \['path'\]"):
+    readers.csv_list(cfg(data_path=str(tmp_path / 'bad.csv'), image_size=4))
+  (tmp_path / 'dup.csv').write_text('path,label\nimg/0.png,a\nimg/0.png,b\n')
+  with pytest.raises(DataError, match='duplicate path'):
+    readers.csv_list(cfg(data_path=str(tmp_path / 'dup.csv'), image_size=4))
+  (tmp_path / 'latin.csv').write_bytes('path,label\nimg/\xe9.png,a\n'.encode('latin-1'))
+  with pytest.raises(DataError, match='not a readable UTF-8 CSV'):
+    readers.csv_list(cfg(data_path=str(tmp_path / 'latin.csv'), image_size=4))
+
+
+def test_isic_ground_truth_csv(tmp_path):
+  rows = ['image,MEL,NV,BCC,UNK']
+  for i, column in enumerate([1, 1, 0, 2, 1, 0]):
+    write_png(tmp_path / 'imgs' / f'ISIC_{i:07d}.png', (i, i, i))
+    onehot = ['0.0'] * 3
+    onehot[column] = '1.0'
+    rows.append(f'ISIC_{i:07d},' + ','.join(onehot) + ',0.0')
+  (tmp_path / 'gt.csv').write_text('\n'.join(rows) + '\n')
+  source = readers.isic(cfg(data_path=str(tmp_path / 'imgs'), labels_csv=str(tmp_path / 'gt.csv'),
+                            image_size=4))
+  assert source.class_names == ('MEL', 'NV', 'BCC')
+  assert source.parts['train'].labels.tolist() == [1, 1, 0, 2, 1, 0]
+  assert any('dropped the empty UNK column' in n for n in source.notes)
+  rows[3] = 'ISIC_0000002,1.0,1.0,0.0,0.0'
+  (tmp_path / 'gt.csv').write_text('\n'.join(rows) + '\n')
+  with pytest.raises(DataError, match='line 4 .ISIC_0000002. must have exactly one class'):
+    readers.isic(cfg(data_path=str(tmp_path / 'imgs'), labels_csv=str(tmp_path / 'gt.csv'),
+                     image_size=4))
+
+
+def test_prepare_writes_a_cache_that_reads_back_identically(tmp_path):
+  make_folder_tree(tmp_path / 'data')
+  meta = prepare.prepare('folder', str(tmp_path / 'data'), str(tmp_path / 'cache'), image_size=5)
+  assert meta['count'] == 9 and meta['class_counts'] == [3, 3, 3]
+  direct = readers.folder(cfg(data_path=str(tmp_path / 'data'), image_size=5))
+  cached = readers.prepared(cfg(data_path=str(tmp_path / 'cache')))
+  assert cached.class_names == direct.class_names
+  assert isinstance(cached.parts['train'].images, np.memmap)
+  np.testing.assert_array_equal(cached.parts['train'].take(np.arange(9)),
+                                direct.parts['train'].take(np.arange(9)))
+  with pytest.raises(DataError, match='already holds a prepared data set'):
+    prepare.prepare('folder', str(tmp_path / 'data'), str(tmp_path / 'cache'), image_size=5)
+  (tmp_path / 'cache' / 'meta.json').unlink()
+  with pytest.raises(DataError, match='no meta.json'):
+    readers.prepared(cfg(data_path=str(tmp_path / 'cache')))
+
+
+def test_prepared_cache_trains_through_the_protocol(tmp_path):
+  make_folder_tree(tmp_path / 'data')
+  prepare.prepare('folder', str(tmp_path / 'data'), str(tmp_path / 'cache'), image_size=5)
+  config = cfg(dataset='prepared', data_path=str(tmp_path / 'cache'), imbalance_ratio=None,
+               seed=0, split_seed=0, val_fraction=0.2, test_fraction=0.2)
+  data = sources.load(config)
+  assert sum(len(data.splits[s]) for s in sources.SPLITS) == 9
+  assert data.class_counts('val').tolist() == [1, 1, 1]
