@@ -68,6 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.momentum = 0.9
   config.weight_decay = 5e-4
   config.seed = 0
+  # Evaluation: head / medium / tail classes by training count: 'terciles' of the
+  # classes, 'oltr' (> 100 / 20-100 / < 20 images, Liu et al. 2019) or 'HIGH,LOW'.
+  config.frequency_groups = 'terciles'
   # Bookkeeping.
   config.eval_every_epochs = 1
   config.eval_batch_size = 256

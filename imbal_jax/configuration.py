@@ -61,6 +61,14 @@ def stage1_run(init_from: str) -> tuple[pathlib.Path, dict]:
   return run_dir, saved
 
 
+def _is_threshold_pair(text: str) -> bool:
+  try:
+    high, low = (float(x) for x in text.split(','))
+  except ValueError:
+    return False
+  return 0 <= low <= high
+
+
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Validates `config`; for stage 2, fills inherited fields from the stage-1 run."""
   config = ml_collections.ConfigDict(config.to_dict())
@@ -90,6 +98,10 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for field in ('contrastive_weight', 'weight_decay', 'momentum', 'warmup_epochs',
                 'crop_padding', 'width', 'image_size', 'data_workers'):
     _check_positive(config, field, allow_zero=True)
+  groups = config.frequency_groups
+  if groups not in ('terciles', 'oltr') and not _is_threshold_pair(groups):
+    raise ConfigError(f"config.frequency_groups={groups!r}: use 'terciles', 'oltr' or two "
+                      "training-count thresholds 'HIGH,LOW' such as '100,20'.")
   for field in ('val_fraction', 'test_fraction'):
     if not 0 < config[field] < 1:
       raise ConfigError(f'config.{field}={config[field]} must be between 0 and 1.')

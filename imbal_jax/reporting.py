@@ -1,27 +1,46 @@
-"""Run outputs: metrics.jsonl, report.json and the printed tables.
+"""Run outputs: metrics.jsonl, TensorBoard curves, report.json, per_class.csv,
+the pictures and the printed tables.
 
-Files are written atomically (temporary file, then rename), so a crash never
-leaves half a report.
+Files are written atomically (see atomic.py), so a crash never leaves half a
+report.
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import itertools
 import json
 import os
 import pathlib
-import tempfile
-from typing import Any
+import time
+from typing import Any, Mapping
+
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto import event_pb2, summary_pb2
+
+from imbal_jax import atomic, plots
+
+PER_CLASS_FIELDS = ('split', 'class', 'train_count', 'support', 'precision', 'recall', 'f1')
+# Distinguishes event files that one process opens within the same second
+# (tensorboardX names them by time and host only, and would overwrite one).
+_WRITER_IDS = itertools.count()
 
 
 def write_json(path: str | pathlib.Path, payload: Any) -> None:
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.NamedTemporaryFile('w', dir=path.parent, prefix=f'.{path.name}.',
-                                   delete=False) as handle:
-    json.dump(payload, handle, indent=2, sort_keys=False)
-    handle.write('\n')
-    temporary = handle.name
-  os.replace(temporary, path)
+  # Serialised before anything is written: a payload that fails leaves the old file whole.
+  atomic.write_text(path, json.dumps(payload, indent=2, sort_keys=False) + '\n')
+
+
+def write_csv(path: str | pathlib.Path, header: tuple[str, ...] | list[str],
+              rows: list[Mapping[str, Any]]) -> pathlib.Path:
+  """One row per mapping; None (an undefined value) becomes an empty cell."""
+  buffer = io.StringIO()
+  writer = csv.DictWriter(buffer, fieldnames=list(header), lineterminator='\n')
+  writer.writeheader()
+  for row in rows:
+    writer.writerow({key: '' if row[key] is None else row[key] for key in header})
+  return atomic.write_text(path, buffer.getvalue())
 
 
 class MetricsLog:
@@ -36,20 +55,128 @@ class MetricsLog:
       handle.flush()
 
 
-def _pct(value: float) -> str:
-  return f'{100 * value:5.1f}'
+class ScalarWriter:
+  """Scalar training curves in TensorBoard's event format: `tensorboard --logdir=DIR`.
+
+  `purge_step`: when a run resumes from a checkpoint at step T, pass T, and
+  TensorBoard hides the points at steps >= T that the interrupted run wrote
+  after that checkpoint, so the curves do not double back.
+  """
+
+  def __init__(self, logdir: str | pathlib.Path, purge_step: int | None = None):
+    self.logdir = pathlib.Path(logdir)
+    self.logdir.mkdir(parents=True, exist_ok=True)
+    # tensorboardX's synchronous writer rather than its SummaryWriter, whose
+    # background thread flush() does not wait for: events said to be written
+    # could be lost with the process.
+    self._events = EventsWriter(str(self.logdir / 'events'),
+                                f'.{os.getpid()}.{next(_WRITER_IDS)}')
+    self._closed = False
+    if purge_step is not None:
+      self._events.write_event(event_pb2.Event(
+          wall_time=time.time(), step=int(purge_step),
+          session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+      self._events.flush()
+
+  def write(self, step: int, scalars: Mapping[str, float]) -> None:
+    """One event holding every scalar of `step`, flushed to disk at once
+    (called at log steps only, so the flush is cheap)."""
+    summary = summary_pb2.Summary(value=[
+        summary_pb2.Summary.Value(tag=name, simple_value=float(value))
+        for name, value in scalars.items()])
+    self._events.write_event(event_pb2.Event(wall_time=time.time(), step=int(step),
+                                             summary=summary))
+    self._events.flush()
+
+  def close(self) -> None:
+    if not self._closed:
+      self._events.close()
+      self._closed = True
+
+  def __enter__(self) -> ScalarWriter:
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+
+def per_class_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+  """per_class.csv's rows: one per class and evaluated split (val, then test)."""
+  return [{'split': split, **row} for split in ('val', 'test') if split in report
+          for row in report[split]['per_class']]
+
+
+def write_run_outputs(workdir: str | pathlib.Path, report: Mapping[str, Any],
+                      calibration: Mapping[str, dict]) -> list[pathlib.Path]:
+  """per_class.csv and the pictures of one run, next to its report.json.
+
+  Args:
+    workdir: the run directory.
+    report: the dict written to report.json (val and test are
+      `metrics.summarize` outputs).
+    calibration: split name -> `metrics.calibration_bins` output; 'test' is drawn.
+
+  Returns the paths written.
+  """
+  workdir = pathlib.Path(workdir)
+  return [
+      write_csv(workdir / 'per_class.csv', PER_CLASS_FIELDS, per_class_rows(report)),
+      plots.confusion_matrix_figure(report['test'], report['class_names'],
+                                    workdir / 'confusion_matrix_test.png'),
+      plots.recall_vs_train_count(report, workdir / 'recall_vs_train_count.png'),
+      plots.reliability_diagram(calibration['test'], workdir / 'reliability_test.png'),
+  ]
+
+
+def _pct(value: float | None) -> str:
+  return '—' if value is None else f'{100 * value:5.1f}'
+
+
+def _plain(value: float | None) -> str:
+  return '—' if value is None else f'{value:5.3f}'
+
+
+_MISSING = object()  # a metric that a report written before it existed does not hold
+
+
+def _metric(key: str):
+  return lambda split: split.get(key, _MISSING)
+
+
+def _group_accuracy(name: str):
+  return lambda split: split['groups'][name]['accuracy'] if 'groups' in split else _MISSING
+
+
+_SUMMARY_ROWS = (  # (row label, value in a summarize() output, formatter)
+    ('accuracy', _metric('accuracy'), _pct),
+    ('balanced_accuracy', _metric('balanced_accuracy'), _pct),
+    ('macro_f1', _metric('macro_f1'), _pct),
+    ('head accuracy', _group_accuracy('head'), _pct),
+    ('medium accuracy', _group_accuracy('medium'), _pct),
+    ('tail accuracy', _group_accuracy('tail'), _pct),
+    ('roc_auc_ovr', _metric('roc_auc_ovr'), _pct),
+    ('ece', _metric('ece'), _pct),
+    ('mcc', _metric('mcc'), _plain),
+    ('cohen_kappa', _metric('cohen_kappa'), _plain),
+    ('quadratic_kappa', _metric('quadratic_kappa'), _plain),
+)
 
 
 def format_report(report: dict[str, Any]) -> str:
-  """A human-readable table: summary per split, then per-class recall."""
+  """A human-readable table: summary per split, then per-class recall.
+
+  Percentages, except MCC and kappa (in [-1, 1]); '—' marks an undefined value.
+  """
   splits = [s for s in ('val', 'test') if s in report]
   lines = [f"{report['stage']} on {report['dataset']}: model selected on "
            f"{report['selection']['split']} {report['selection']['metric']} at step "
            f"{report['selection']['step']} (epoch {report['selection']['epoch']})", '']
   header = f"{'':18}" + ''.join(f'{s:>10}' for s in splits)
   lines.append(header)
-  for metric in ('accuracy', 'balanced_accuracy', 'macro_f1'):
-    lines.append(f'{metric:18}' + ''.join(f'{_pct(report[s][metric]):>10}' for s in splits))
+  for label, value, formatter in _SUMMARY_ROWS:
+    values = [value(report[s]) for s in splits]
+    if all(v is not _MISSING for v in values):
+      lines.append(f'{label:18}' + ''.join(f'{formatter(v):>10}' for v in values))
   lines += ['', f"{'class':>12}{'train n':>9}" + ''.join(f'{s + " recall":>13}' for s in splits)]
   for index, name in enumerate(report['class_names']):
     row = f"{name[:12]:>12}{report['train_counts'][index]:>9}"

@@ -131,17 +131,19 @@ def build_stage2(config, dataset: sources.Dataset, data_info, mesh, steps_per_ep
       eval_variables=lambda s: {'encoder': frozen, 'head': {'params': s.params}},
       logits_fn=functools.partial(steps.stage2_logits, encoder=encoder, head=head),
       extra_report={'init_from': str(stage1_dir),
-                    'stage1_selected_step': stage1_info['step']})
+                    'stage1_selected_step': stage1_info['step'],
+                    'stage1_config': stage1_config})
 
 
 def evaluate(eval_fn, variables, split: sources.Split, batch_size: int, mesh) -> np.ndarray:
   """Class probabilities for every example of `split`, in order (padding removed)."""
-  outputs = [eval_fn(variables, sharding.put_global_batch(batch, mesh))
+  # One batch in flight at a time: many independent collective programs queued at
+  # once can starve each other of threads on the CPU backend (its rendezvous then
+  # aborts the process). The outputs are replicated, so every process holds them
+  # whole; padding sits at the end of the last global batch.
+  outputs = [np.asarray(jax.device_get(eval_fn(variables, sharding.put_global_batch(batch, mesh))))
              for batch in pipeline.eval_batches(split, batch_size)]
-  # Pulled after all batches are queued, so the device never waits on the host. The
-  # outputs are replicated, so every process holds them whole. Padding sits at the
-  # end of the last global batch: keep the first len(split) rows.
-  return np.concatenate(jax.device_get(outputs))[:len(split)]
+  return np.concatenate(outputs)[:len(split)]
 
 
 def describe_data(dataset: sources.Dataset, seed: int) -> dict[str, Any]:
@@ -183,6 +185,17 @@ def _environment() -> dict[str, Any]:
       'device_kind': jax.devices()[0].device_kind, 'device_count': jax.device_count(),
       'process_count': jax.process_count(),
   }
+
+
+def frequency_groups(config):
+  """config.frequency_groups -> metrics.summarize's `groups`: 'terciles', 'oltr' or 'HIGH,LOW'."""
+  spec = config.frequency_groups
+  if spec == 'terciles':
+    return spec
+  if spec == 'oltr':
+    return metrics.OLTR_THRESHOLDS
+  high, low = (float(x) for x in spec.split(','))
+  return high, low
 
 
 def _is_log_step(step: int, config, total_steps: int) -> bool:
@@ -237,8 +250,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   rng = jax.random.key(config.seed + 1)
   metrics_log = reporting.MetricsLog(workdir / 'metrics.jsonl')
   val_log = reporting.MetricsLog(workdir / 'val_metrics.jsonl')
+  groups = frequency_groups(config)
   total_steps = batches.total_steps
   start_step = int(state.step)
+  curves = reporting.ScalarWriter(workdir / 'tensorboard', purge_step=start_step or None) \
+      if is_writer else None
   progress = tqdm(total=total_steps, initial=start_step, desc=config.stage, unit='step',
                   disable=not is_writer, dynamic_ncols=True)
   last_log_time, last_log_step = time.perf_counter(), start_step
@@ -260,6 +276,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 'images_per_sec': images_per_sec}
       if is_writer:
         metrics_log.write(record)
+        curves.write(done, {f'train/{k}': v for k, v in record.items() if k != 'step'})
       progress.set_postfix(loss=f"{measurements['loss']:.3f}", img_s=f'{images_per_sec:.0f}')
     epoch_done = done % batches.steps_per_epoch == 0
     epoch = done // batches.steps_per_epoch
@@ -267,7 +284,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       probabilities = evaluate(eval_fn, stage.eval_variables(state), dataset.splits['val'],
                                config.eval_batch_size, mesh)
       val = metrics.summarize(dataset.splits['val'].labels, probabilities, dataset.class_names,
-                              data_info['counts']['train'])
+                              data_info['counts']['train'], groups)
       if is_writer:
         val_log.write({'step': done, 'epoch': epoch,
                            **{f'val_{k}': val[k] for k in ('accuracy', 'balanced_accuracy',
@@ -282,6 +299,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if epoch_done:  # Throughput counts training steps only, not evaluation or saving.
       last_log_time, last_log_step = time.perf_counter(), done
   progress.close()
+  if curves is not None:
+    curves.close()
   ckpt.wait()
 
   variables, selected = ckpt.restore_best(stage.eval_variables(state))
@@ -296,16 +315,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       'selection': selected,
       **stage.extra_report,
   }
+  calibration = {}
   for split in ('val', 'test'):
     probabilities = evaluate(eval_fn, variables, dataset.splits[split], config.eval_batch_size,
                              mesh)
     report[split] = metrics.summarize(dataset.splits[split].labels, probabilities,
-                                      dataset.class_names, data_info['counts']['train'])
+                                      dataset.class_names, data_info['counts']['train'], groups)
+    calibration[split] = metrics.calibration_bins(dataset.splits[split].labels, probabilities)
   report['config'] = config.to_dict()
   report['environment'] = _environment()
   if is_writer:
     reporting.write_json(workdir / 'report.json', report)
+    written = reporting.write_run_outputs(workdir, report, calibration)
     print(reporting.format_report(report))
-    print(f'\nReport written to {workdir / "report.json"}')
+    print(f'\nReport written to {workdir / "report.json"}; also '
+          f'{", ".join(p.name for p in written)}.')
   return report
 
