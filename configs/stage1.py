@@ -57,9 +57,22 @@ def base_config() -> ml_collections.ConfigDict:
   config.model = 'resnet32'
   config.width = 16
   config.projection_dim = 128
-  # Loss.
+  # Loss: classification loss + contrastive_weight * metric loss (imbal_jax/objectives.py).
+  config.loss = 'ce'  # ce | focal | cb | ldam_drw | logit_adjusted | balanced_softmax
+  config.focal_gamma = 2.0  # Lin et al. (2017)
+  config.cb_beta = 0.9999  # Cui et al. (2019); also the DRW weights of ldam_drw
+  config.ldam_max_margin = 0.5  # Cao et al. (2019)
+  # Cao et al. use s=30 on cosine logits; this project's head is a plain linear
+  # layer, whose logits are not normalised, so the scale defaults to 1.
+  config.ldam_scale = 1.0
+  config.drw_start_fraction = 0.8  # Cao et al.: epoch 160 of 200
+  config.logit_adjust_tau = 1.0  # Menon et al. (2021)
+  config.metric_loss = 'supcon'  # supcon | balanced_supcon | triplet | class_center
   config.contrastive_weight = 0.5
   config.temperature = 0.1
+  config.margin = 0.2  # triplet and class-centre losses, on unit-length embeddings
+  config.center_momentum = 0.9
+  config.num_views = 1  # 2: two augmented views of each image
   # Optimisation. batch_size is the GLOBAL batch over all devices and hosts.
   config.batch_size = 64
   config.num_epochs = 30
@@ -68,6 +81,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.momentum = 0.9
   config.weight_decay = 5e-4
   config.seed = 0
+  # A non-finite loss or gradient stops the run (the update is never applied);
+  # True skips such updates instead and counts them in metrics.jsonl.
+  config.skip_nonfinite = False
   # Evaluation: head / medium / tail classes by training count: 'terciles' of the
   # classes, 'oltr' (> 100 / 20-100 / < 20 images, Liu et al. 2019) or 'HIGH,LOW'.
   config.frequency_groups = 'terciles'

@@ -22,6 +22,20 @@ import jax
 import orbax.checkpoint as ocp
 
 
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be read; the message names it and what to do."""
+
+
+def _unreadable(directory, step, error, others) -> CheckpointError:
+  detail = str(error).strip().splitlines()[0][:300] if str(error).strip() else ''
+  fallback = (f'delete {directory}/{step} to resume from step {max(others)}'
+              if others else f'delete {directory} to start this stage again')
+  return CheckpointError(
+      f'the checkpoint {directory}/{step} cannot be read ({type(error).__name__}: {detail}). '
+      f'It is truncated, corrupt or was written by another program: {fallback}, or use a new '
+      '--workdir.')
+
+
 def _abstract(tree):
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
@@ -56,12 +70,17 @@ class Checkpoints:
     """
     self._latest.wait_until_finished()
     target = flax.serialization.to_state_dict(state_like)
-    restored = self._latest.restore(self._latest.latest_step(), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(_abstract(target)),
-        bookkeeping=ocp.args.JsonRestore(),
-        data=grain.checkpoint.CheckpointRestore(data_iterator)))
-    return (flax.serialization.from_state_dict(state_like, restored['state']),
-            restored['bookkeeping'])
+    step = self._latest.latest_step()
+    try:
+      restored = self._latest.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(_abstract(target)),
+          bookkeeping=ocp.args.JsonRestore(),
+          data=grain.checkpoint.CheckpointRestore(data_iterator)))
+      return (flax.serialization.from_state_dict(state_like, restored['state']),
+              restored['bookkeeping'])
+    except Exception as error:  # orbax, tensorstore and JSON errors alike
+      others = [s for s in self._latest.all_steps() if s != step]
+      raise _unreadable(self._latest.directory, step, error, others) from error
 
   def save_best(self, step: int, variables, info: dict[str, Any]) -> None:
     if step in self._best.all_steps():
@@ -96,9 +115,12 @@ def restore_best(manager_or_workdir, variables_like):
     step = manager.latest_step()
     if step is None:
       raise FileNotFoundError(f'no selected checkpoint under {manager.directory}')
-    restored = manager.restore(step, args=ocp.args.Composite(
-        variables=ocp.args.StandardRestore(_abstract(variables_like)),
-        info=ocp.args.JsonRestore()))
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          variables=ocp.args.StandardRestore(_abstract(variables_like)),
+          info=ocp.args.JsonRestore()))
+    except Exception as error:  # orbax, tensorstore and JSON errors alike
+      raise _unreadable(manager.directory, step, error, []) from error
     return restored['variables'], restored['info']
   finally:
     if owned:

@@ -10,6 +10,7 @@ import pathlib
 
 import ml_collections
 
+from imbal_jax import objectives
 from imbal_jax.data import augment, readers, samplers
 from imbal_jax.models import resnet
 
@@ -87,6 +88,15 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check_choice(config, 'dataset', readers.READERS)
   _check_choice(config, 'model', resnet.ARCHITECTURES)
   _check_choice(config, 'sampler', samplers.SAMPLERS)
+  _check_choice(config, 'loss', objectives.CLASSIFICATION_LOSSES)
+  _check_choice(config, 'metric_loss', objectives.METRIC_LOSSES)
+  _check_choice(config, 'num_views', (1, 2))
+  if not 0 <= config.cb_beta < 1:
+    raise ConfigError(f'config.cb_beta={config.cb_beta} must be in [0, 1).')
+  for field in ('margin', 'focal_gamma', 'ldam_max_margin', 'ldam_scale', 'logit_adjust_tau'):
+    _check_positive(config, field, allow_zero=True)
+  if not 0 <= config.center_momentum <= 1:
+    raise ConfigError(f'config.center_momentum={config.center_momentum} must be in [0, 1].')
   try:
     augment.parse(config.augment)
   except ValueError as error:

@@ -13,6 +13,7 @@ from ml_collections import config_flags
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the report.')
 config_flags.DEFINE_config_file('config', None, 'A config file, e.g. configs/stage1.py[:preset].',
                                 lock_config=True)
+flags.DEFINE_bool('force', False, 'Continue a workdir whose saved config differs from --config.')
 flags.mark_flags_as_required(['config', 'workdir'])
 FLAGS = flags.FLAGS
 
@@ -21,7 +22,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   # Imported here so that --help and flag errors come back before JAX starts.
-  from imbal_jax import configuration, train
+  from imbal_jax import checkpoint, configuration, train, workdir
   from imbal_jax.data.sources import DataError
 
   if not FLAGS['verbosity'].present:
@@ -29,13 +30,25 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
 
   try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir, force=FLAGS.force)
   except configuration.ConfigError as error:
     print(f'imbal_jax: config error: {error}', file=sys.stderr)
     sys.exit(2)
   except DataError as error:
     print(f'imbal_jax: data error: {error}', file=sys.stderr)
     sys.exit(2)
+  except workdir.WorkdirError as error:
+    print(f'imbal_jax: workdir error: {error}', file=sys.stderr)
+    sys.exit(2)
+  except workdir.Preempted as stop:
+    print(f'imbal_jax: {stop}', file=sys.stderr)
+    sys.exit(workdir.PREEMPTED_EXIT_CODE)
+  except checkpoint.CheckpointError as error:
+    print(f'imbal_jax: checkpoint error: {error}', file=sys.stderr)
+    sys.exit(2)
+  except FloatingPointError as error:
+    print(f'imbal_jax: training stopped: {error}', file=sys.stderr)
+    sys.exit(3)
 
 
 def parse_flags(argv):

@@ -22,9 +22,41 @@ from imbal_jax.data import augment as augment_lib
 
 
 class TrainState(train_state.TrainState):
-  """Optimizer state over `params`, plus batch-norm statistics (not trained)."""
+  """Optimizer state over `params`, plus batch-norm statistics (not trained).
+
+  `centers` holds running class centres for the class-centre metric loss
+  (stage 1; None otherwise). `nonfinite_steps` counts updates that were refused because the loss or a
+  gradient was not finite; `first_nonfinite_step` is the first such step
+  (-1: none). The host reads them at log steps only.
+  """
 
   batch_stats: Any = None
+  centers: Any = None  # class centres of the class-centre metric loss (stage 1)
+  nonfinite_steps: Any = None
+  first_nonfinite_step: Any = None
+
+  @classmethod
+  def create(cls, **kwargs):
+    # Arrays, not Python ints, so the step's outputs have its inputs' types (no retrace).
+    return super().create(nonfinite_steps=jnp.zeros((), jnp.int32),
+                          first_nonfinite_step=jnp.full((), -1, jnp.int32), **kwargs)
+
+
+def guarded_update(state: TrainState, new_state: TrainState, loss, grads) -> TrainState:
+  """`new_state`, or `state` unchanged (counted) if the loss or a gradient is not finite.
+
+  The check runs on the device every step, so training never continues from a
+  NaN update, while the host still synchronises only at log steps.
+  """
+  finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
+      [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+  kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+  return kept.replace(
+      step=state.step + 1,
+      nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
+      first_nonfinite_step=jnp.where(
+          (~finite) & (state.first_nonfinite_step < 0), state.step + 1,
+          state.first_nonfinite_step))
 
 
 def preprocess(images, rng, *, pixel_mean, pixel_std, augment: str, crop_padding: int):
@@ -35,32 +67,55 @@ def preprocess(images, rng, *, pixel_mean, pixel_std, augment: str, crop_padding
   return augment_lib.normalize(x, pixel_mean, pixel_std)
 
 
-def stage1_loss(params, batch_stats, images, labels, *, model: nn.Module,
-                contrastive_weight: float, temperature: float):
-  """CE + contrastive_weight * SupCon over the (global) batch."""
+def stage1_loss(params, batch_stats, images, labels, step=0, centers=None, *, model: nn.Module,
+                contrastive_weight: float, temperature: float = 0.1,
+                classification_loss: Callable | None = None, metric_loss: Callable | None = None):
+  """classification loss + contrastive_weight * metric loss over the (global) batch.
+
+  Defaults: cross-entropy and supervised contrastive with `temperature`.
+  """
   (logits, embeddings), updates = model.apply(
       {'params': params, 'batch_stats': batch_stats}, images, train=True,
       mutable=['batch_stats'])
-  ce = losses.softmax_cross_entropy(logits, labels)
-  contrastive = losses.supervised_contrastive(embeddings, labels, temperature)
+  if classification_loss is None:
+    ce = losses.softmax_cross_entropy(logits, labels)
+  else:
+    ce = classification_loss(logits, labels, step)
+  if metric_loss is None:
+    contrastive, new_centers = losses.supervised_contrastive(embeddings, labels, temperature), centers
+  else:
+    contrastive, new_centers = metric_loss(embeddings, labels, centers)
   loss = ce + contrastive_weight * contrastive
   aux = {'ce': ce, 'contrastive': contrastive, 'logits': logits,
-         'batch_stats': updates['batch_stats']}
+         'batch_stats': updates['batch_stats'], 'centers': new_centers}
   return loss, aux
 
 
 def stage1_step(state: TrainState, batch, rng, *, model: nn.Module, contrastive_weight: float,
-                temperature: float, learning_rate_fn: Callable, pixel_mean: Sequence[float],
-                pixel_std: Sequence[float], augment: str, crop_padding: int):
-  """One SGD step of the encoder and both heads."""
+                learning_rate_fn: Callable, pixel_mean: Sequence[float],
+                pixel_std: Sequence[float], augment: str, crop_padding: int,
+                temperature: float = 0.1, classification_loss: Callable | None = None,
+                metric_loss: Callable | None = None, num_views: int = 1):
+  """One SGD step of the encoder and both heads.
+
+  With `num_views=2` every image is augmented twice (independently); both
+  views enter the classification loss and the metric loss, so each image has
+  at least one positive (its other view), as in Khosla et al. (2020).
+  """
   step_rng = jax.random.fold_in(rng, state.step)
-  images = preprocess(batch['image'], step_rng, pixel_mean=pixel_mean, pixel_std=pixel_std,
-                      augment=augment, crop_padding=crop_padding)
-  labels = batch['label']
+  view_rngs = jax.random.split(step_rng, num_views)
+  images = jnp.concatenate([
+      preprocess(batch['image'], view_rng, pixel_mean=pixel_mean, pixel_std=pixel_std,
+                 augment=augment, crop_padding=crop_padding) for view_rng in view_rngs])
+  labels = jnp.concatenate([batch['label']] * num_views)
   grad_fn = jax.value_and_grad(stage1_loss, has_aux=True)
-  (loss, aux), grads = grad_fn(state.params, state.batch_stats, images, labels, model=model,
-                               contrastive_weight=contrastive_weight, temperature=temperature)
-  new_state = state.apply_gradients(grads=grads, batch_stats=aux['batch_stats'])
+  (loss, aux), grads = grad_fn(state.params, state.batch_stats, images, labels, state.step,
+                               state.centers, model=model,
+                               contrastive_weight=contrastive_weight, temperature=temperature,
+                               classification_loss=classification_loss, metric_loss=metric_loss)
+  new_state = guarded_update(
+      state, state.apply_gradients(grads=grads, batch_stats=aux['batch_stats'],
+                                   centers=aux['centers']), loss, grads)
   measurements = {
       'loss': loss,
       'ce': aux['ce'],
@@ -93,7 +148,7 @@ def stage2_step(state: TrainState, batch, rng, encoder_variables, *, encoder: nn
   labels = batch['label']
   (loss, logits), grads = jax.value_and_grad(stage2_loss, has_aux=True)(
       state.params, features, labels, head=head)
-  new_state = state.apply_gradients(grads=grads)
+  new_state = guarded_update(state, state.apply_gradients(grads=grads), loss, grads)
   measurements = {
       'loss': loss,
       'ce': loss,

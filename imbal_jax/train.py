@@ -23,11 +23,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 from tqdm import tqdm
 
 import imbal_jax
-from imbal_jax import checkpoint, configuration, metrics, reporting, sharding, steps
+from imbal_jax import (checkpoint, configuration, metrics, objectives, reporting, sharding,
+                       steps)
+from imbal_jax import workdir as workdir_lib
 from imbal_jax.data import pipeline, sources
 from imbal_jax.models import LinearHead, Stage1Net, encoder_variables, make_encoder
 
@@ -65,16 +66,35 @@ def make_optimizer(config, steps_per_epoch: int) -> tuple[optax.GradientTransfor
   return tx, learning_rate_fn
 
 
-def _jit_train_step(step_fn, mesh, num_extra_args: int = 0):
+def jit_train_step(step_fn, mesh, num_extra_args: int = 0):
   repl, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
   return jax.jit(step_fn, donate_argnums=0,
                  in_shardings=(repl, data, repl) + (repl,) * num_extra_args,
                  out_shardings=(repl, repl))
 
 
-def _preprocess_kwargs(config, data_info):
+def preprocess_kwargs(config, data_info):
   return dict(pixel_mean=tuple(data_info['pixel_mean']), pixel_std=tuple(data_info['pixel_std']),
               augment=config.augment, crop_padding=config.crop_padding)
+
+
+def stage1_state(variables, tx, rng, num_classes: int, projection_dim: int) -> steps.TrainState:
+  """The stage-1 train state; class centres start as random unit vectors."""
+  centers = jax.random.normal(rng, (num_classes, projection_dim))
+  centers = centers / jnp.linalg.norm(centers, axis=-1, keepdims=True)
+  return steps.TrainState.create(apply_fn=None, params=variables['params'],
+                                 batch_stats=variables['batch_stats'], centers=centers, tx=tx)
+
+
+def stage1_step_fn(config, model, data_info, steps_per_epoch: int, learning_rate_fn):
+  """steps.stage1_step with everything the config chooses bound (before jit)."""
+  return functools.partial(
+      steps.stage1_step, model=model, contrastive_weight=config.contrastive_weight,
+      learning_rate_fn=learning_rate_fn, num_views=config.num_views,
+      classification_loss=objectives.classification_loss(
+          config, data_info['counts']['train'], steps_per_epoch),
+      metric_loss=objectives.metric_loss(config),
+      **preprocess_kwargs(config, data_info))
 
 
 def build_stage1(config, dataset: sources.Dataset, data_info, mesh, steps_per_epoch) -> Stage:
@@ -85,17 +105,14 @@ def build_stage1(config, dataset: sources.Dataset, data_info, mesh, steps_per_ep
 
   def init(rng):
     variables = model.init(rng, jnp.zeros((1,) + dataset.image_shape, jnp.float32), train=False)
-    return steps.TrainState.create(apply_fn=model.apply, params=variables['params'],
-                                   batch_stats=variables['batch_stats'], tx=tx)
+    return stage1_state(variables, tx, jax.random.fold_in(rng, 1), dataset.num_classes,
+                        config.projection_dim)
 
   state = jax.jit(init, out_shardings=sharding.replicated(mesh))(
       jax.random.key(config.seed))
-  step_fn = functools.partial(
-      steps.stage1_step, model=model, contrastive_weight=config.contrastive_weight,
-      temperature=config.temperature, learning_rate_fn=learning_rate_fn,
-      **_preprocess_kwargs(config, data_info))
+  step_fn = stage1_step_fn(config, model, data_info, steps_per_epoch, learning_rate_fn)
   return Stage(
-      state=state, train_step=_jit_train_step(step_fn, mesh),
+      state=state, train_step=jit_train_step(step_fn, mesh),
       eval_variables=lambda s: {'params': s.params, 'batch_stats': s.batch_stats},
       logits_fn=functools.partial(steps.stage1_logits, model=model),
       extra_report={})
@@ -123,8 +140,8 @@ def build_stage2(config, dataset: sources.Dataset, data_info, mesh, steps_per_ep
   state = jax.jit(init, out_shardings=sharding.replicated(mesh))(jax.random.key(config.seed))
   step_fn = functools.partial(steps.stage2_step, encoder=encoder, head=head,
                               learning_rate_fn=learning_rate_fn,
-                              **_preprocess_kwargs(config, data_info))
-  jitted = _jit_train_step(step_fn, mesh, num_extra_args=1)
+                              **preprocess_kwargs(config, data_info))
+  jitted = jit_train_step(step_fn, mesh, num_extra_args=1)
   return Stage(
       state=state,
       train_step=lambda s, batch, rng: jitted(s, batch, rng, frozen),
@@ -202,8 +219,28 @@ def _is_log_step(step: int, config, total_steps: int) -> bool:
   return step == 1 or step % config.log_every_steps == 0 or step == total_steps
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains the stage named by `config.stage` in `workdir`; returns the report."""
+def _check_finite(state, measurements, config, ckpt, workdir, done) -> int:
+  """Stops on a refused (non-finite) update unless config.skip_nonfinite; returns the count."""
+  count = int(state.nonfinite_steps)
+  if count and not config.skip_nonfinite:
+    terms = ', '.join(f'{k}={v:.4g}' for k, v in measurements.items())
+    last_good = (f'step {ckpt.latest_step} in {workdir / "checkpoints"}'
+                 if ckpt.latest_step is not None else 'none yet')
+    raise FloatingPointError(
+        f'non-finite loss or gradients at step {int(state.first_nonfinite_step)} (seen at step '
+        f'{done}; last logged terms: {terms}). The update was not applied. Last good '
+        f'checkpoint: {last_good}. Lower '
+        'config.learning_rate, check the data, or set config.skip_nonfinite=True to skip '
+        'such updates and count them.')
+  return count
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       force: bool = False) -> dict[str, Any]:
+  """Trains the stage named by `config.stage` in `workdir`; returns the report.
+
+  `force` continues a workdir whose saved config differs from `config`.
+  """
   config = configuration.resolve(config)
   workdir = pathlib.Path(workdir)
   mesh = sharding.make_mesh()
@@ -212,6 +249,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       sharding.check_batch_size(config[field], mesh, f'config.{field}')
     except ValueError as error:
       raise configuration.ConfigError(str(error)) from None
+  workdir_lib.check_config(workdir, config.to_dict(), force)
   is_writer = jax.process_index() == 0
 
   dataset = load_dataset(config, workdir)
@@ -237,9 +275,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   bookkeeping = {'best_score': -1.0, 'best_step': -1}
   data_iterator = pipeline.train_iterator(batches, config.data_workers)
   if ckpt.latest_step is not None:
-    state, bookkeeping = ckpt.restore_state(state, data_iterator)
-    logging.info('resumed from step %d in %s', int(state.step), workdir / 'checkpoints')
+    try:
+      state, bookkeeping = ckpt.restore_state(state, data_iterator)
+    except checkpoint.CheckpointError:
+      ckpt.close()
+      raise
     print(f'Resuming {config.stage} from step {int(state.step)} ({workdir / "checkpoints"}).')
+  start_step = int(state.step)
+  if is_writer:
+    for log in ('metrics.jsonl', 'val_metrics.jsonl'):
+      workdir_lib.truncate_log(workdir / log, start_step)
 
   eval_fn = jax.jit(
       functools.partial(steps.eval_step, logits_fn=stage.logits_fn,
@@ -252,52 +297,59 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   val_log = reporting.MetricsLog(workdir / 'val_metrics.jsonl')
   groups = frequency_groups(config)
   total_steps = batches.total_steps
-  start_step = int(state.step)
   curves = reporting.ScalarWriter(workdir / 'tensorboard', purge_step=start_step or None) \
       if is_writer else None
   progress = tqdm(total=total_steps, initial=start_step, desc=config.stage, unit='step',
                   disable=not is_writer, dynamic_ncols=True)
   last_log_time, last_log_step = time.perf_counter(), start_step
-  for step in range(start_step, total_steps):
-    batch = sharding.put_global_batch(next(data_iterator), mesh)
-    state, measurements = stage.train_step(state, batch, rng)
-    done = step + 1
-    progress.update(1)
-    if _is_log_step(done, config, total_steps):
-      measurements = {k: float(v) for k, v in jax.device_get(measurements).items()}
-      if not np.isfinite(measurements['loss']):
-        raise FloatingPointError(
-            f'non-finite loss at step {done}: {measurements}; last good checkpoint: step '
-            f'{ckpt.latest_step} in {workdir / "checkpoints"}. Lower config.learning_rate.')
-      now = time.perf_counter()
-      images_per_sec = (done - last_log_step) * config.batch_size / (now - last_log_time)
-      last_log_time, last_log_step = now, done
-      record = {'step': done, 'epoch': done / batches.steps_per_epoch, **measurements,
-                'images_per_sec': images_per_sec}
-      if is_writer:
-        metrics_log.write(record)
-        curves.write(done, {f'train/{k}': v for k, v in record.items() if k != 'step'})
-      progress.set_postfix(loss=f"{measurements['loss']:.3f}", img_s=f'{images_per_sec:.0f}')
-    epoch_done = done % batches.steps_per_epoch == 0
-    epoch = done // batches.steps_per_epoch
-    if epoch_done and (epoch % config.eval_every_epochs == 0 or done == total_steps):
-      probabilities = evaluate(eval_fn, stage.eval_variables(state), dataset.splits['val'],
-                               config.eval_batch_size, mesh)
-      val = metrics.summarize(dataset.splits['val'].labels, probabilities, dataset.class_names,
-                              data_info['counts']['train'], groups)
-      if is_writer:
-        val_log.write({'step': done, 'epoch': epoch,
-                           **{f'val_{k}': val[k] for k in ('accuracy', 'balanced_accuracy',
-                                                           'macro_f1')}})
-      if val[SELECTION_METRIC] > bookkeeping['best_score']:
-        bookkeeping = {'best_score': val[SELECTION_METRIC], 'best_step': done}
-        ckpt.save_best(done, stage.eval_variables(state),
-                       {'step': done, 'epoch': epoch, 'split': 'val',
-                        'metric': SELECTION_METRIC, 'score': val[SELECTION_METRIC]})
-    if epoch_done and (epoch % config.checkpoint_every_epochs == 0 or done == total_steps):
-      ckpt.save_state(done, state, bookkeeping, data_iterator)
-    if epoch_done:  # Throughput counts training steps only, not evaluation or saving.
-      last_log_time, last_log_step = time.perf_counter(), done
+  with workdir_lib.StopRequest() as stop:
+    for step in range(start_step, total_steps):
+      batch = sharding.put_global_batch(next(data_iterator), mesh)
+      state, measurements = stage.train_step(state, batch, rng)
+      done = step + 1
+      progress.update(1)
+      if _is_log_step(done, config, total_steps):
+        measurements = {k: float(v) for k, v in jax.device_get(measurements).items()}
+        skipped = _check_finite(state, measurements, config, ckpt, workdir, done)
+        now = time.perf_counter()
+        images_per_sec = (done - last_log_step) * config.batch_size / (now - last_log_time)
+        last_log_time, last_log_step = now, done
+        record = {'step': done, 'epoch': done / batches.steps_per_epoch, **measurements,
+                  'images_per_sec': images_per_sec}
+        if config.skip_nonfinite:
+          record['skipped_nonfinite_steps'] = skipped
+        if is_writer:
+          metrics_log.write(record)
+          curves.write(done, {f'train/{k}': v for k, v in record.items() if k != 'step'})
+        progress.set_postfix(loss=f"{measurements['loss']:.3f}", img_s=f'{images_per_sec:.0f}')
+      epoch_done = done % batches.steps_per_epoch == 0
+      epoch = done // batches.steps_per_epoch
+      if epoch_done and (epoch % config.eval_every_epochs == 0 or done == total_steps):
+        probabilities = evaluate(eval_fn, stage.eval_variables(state), dataset.splits['val'],
+                                 config.eval_batch_size, mesh)
+        val = metrics.summarize(dataset.splits['val'].labels, probabilities,
+                                dataset.class_names, data_info['counts']['train'], groups)
+        if is_writer:
+          summary = {k: val[k] for k in ('accuracy', 'balanced_accuracy', 'macro_f1')}
+          val_log.write({'step': done, 'epoch': epoch,
+                         **{f'val_{k}': v for k, v in summary.items()}})
+          curves.write(done, {f'val/{k}': v for k, v in summary.items() if v is not None})
+        if val[SELECTION_METRIC] > bookkeeping['best_score']:
+          bookkeeping = {'best_score': val[SELECTION_METRIC], 'best_step': done}
+          ckpt.save_best(done, stage.eval_variables(state),
+                         {'step': done, 'epoch': epoch, 'split': 'val',
+                          'metric': SELECTION_METRIC, 'score': val[SELECTION_METRIC]})
+      if epoch_done and (epoch % config.checkpoint_every_epochs == 0 or done == total_steps):
+        ckpt.save_state(done, state, bookkeeping, data_iterator)
+      elif stop.requested:
+        ckpt.save_state(done, state, bookkeeping, data_iterator)
+      if stop.requested and done < total_steps:
+        progress.close()
+        ckpt.wait()
+        ckpt.close()
+        raise workdir_lib.Preempted(done, workdir)
+      if epoch_done:  # Throughput counts training steps only, not evaluation or saving.
+        last_log_time, last_log_step = time.perf_counter(), done
   progress.close()
   if curves is not None:
     curves.close()
@@ -325,6 +377,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   report['config'] = config.to_dict()
   report['environment'] = _environment()
   if is_writer:
+    previous = workdir_lib.keep_previous_report(workdir)
+    if previous is not None:
+      print(f'The earlier report was kept as {previous}.')
     reporting.write_json(workdir / 'report.json', report)
     written = reporting.write_run_outputs(workdir, report, calibration)
     print(reporting.format_report(report))

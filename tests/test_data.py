@@ -177,3 +177,26 @@ def test_grain_iterator_yields_step_batches_and_restores_its_position():
   resumed = pipeline.train_iterator(batches)
   resumed.set_state(state)
   np.testing.assert_array_equal(next(resumed)['image'], expected['image'])
+
+
+def test_two_processes_read_disjoint_slices_that_cover_the_global_batch(monkeypatch):
+  import jax
+  labels = np.repeat(np.arange(3), [20, 7, 3]).astype(np.int32)
+  split = sources.Split(np.arange(30, dtype=np.uint8).reshape(30, 1, 1, 1), labels)
+  batches = pipeline.TrainBatches(split, 3, batch_size=8, sampler='instance', seed=0,
+                                  num_epochs=2)
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  for step in range(batches.total_steps):
+    parts = []
+    for process in range(2):
+      monkeypatch.setattr(jax, 'process_index', lambda p=process: p)
+      parts.append(batches.local_batch(step)['image'][:, 0, 0, 0])
+    assert len(parts[0]) == len(parts[1]) == 4
+    np.testing.assert_array_equal(np.concatenate(parts), batches.indices(step))
+  eval_rows = []
+  for process in range(2):
+    monkeypatch.setattr(jax, 'process_index', lambda p=process: p)
+    for batch in pipeline.eval_batches(split, batch_size=8):
+      eval_rows.append((process, batch['image'][:, 0, 0, 0][batch['mask'] > 0].tolist()))
+  covered = sorted(v for _, rows in eval_rows for v in rows)
+  assert covered == list(range(30))

@@ -232,3 +232,40 @@ def test_prepared_cache_trains_through_the_protocol(tmp_path):
   data = sources.load(config)
   assert sum(len(data.splits[s]) for s in sources.SPLITS) == 9
   assert data.class_counts('val').tolist() == [1, 1, 1]
+
+
+def test_tfds_array_record_source_without_tensorflow(tmp_path):
+  import io
+  import tensorflow_datasets as tfds
+
+  class TinyLtImages(tfds.core.GeneratorBasedBuilder):
+    """60 training and 15 test images of 3 classes, written as array_record."""
+    VERSION = tfds.core.Version('1.0.0')
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          'image': tfds.features.Image(shape=(8, 8, 3)),
+          'label': tfds.features.ClassLabel(names=['cat', 'dog', 'eel'])}))
+
+    def _split_generators(self, dl_manager):
+      return {'train': self._generate_examples(60, 0), 'test': self._generate_examples(15, 1)}
+
+    def _generate_examples(self, count, seed):
+      rng = np.random.default_rng(seed)
+      for i in range(count):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(buffer, 'PNG')
+        yield i, {'image': buffer.getvalue(), 'label': i % 3}
+
+  TinyLtImages(data_dir=str(tmp_path), file_format='array_record').download_and_prepare()
+  source = readers.tfds_source(cfg(tfds_name='tiny_lt_images', data_dir=str(tmp_path)))
+  assert source.class_names == ('cat', 'dog', 'eel') and source.balanced
+  assert len(source.parts['train']) == 60 and len(source.parts['test']) == 15
+  # tfds stores records in its own (hashed) order: compare image -> label pairs.
+  rng = np.random.default_rng(1)
+  expected = {rng.integers(0, 256, (8, 8, 3), dtype=np.uint8).tobytes(): i % 3 for i in range(15)}
+  test = source.parts['test']
+  read = {test.take([i])[0].tobytes(): int(test.labels[i]) for i in range(15)}
+  assert read == expected
+  with pytest.raises(DataError, match="tfds data set 'no_such_set' .* cannot be read"):
+    readers.tfds_source(cfg(tfds_name='no_such_set', data_dir=str(tmp_path)))

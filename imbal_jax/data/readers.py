@@ -274,6 +274,9 @@ def tfds_source(config) -> Source:
       images = _as_nhwc(np.stack([np.asarray(r['image']) for r in records]), f'{name}:{part}')
       labels = _as_labels(np.asarray([r['label'] for r in records]), len(images), f'{name}:{part}')
       parts['val' if part == 'validation' else part] = Split(images, labels)
+    if 'train' not in parts:
+      raise DataError(f'tfds data set {name!r} has no train split (splits: '
+                      f'{sorted(info.splits)}).')
     class_names = tuple(info.features['label'].names)
   except DataError:
     raise

@@ -1,0 +1,335 @@
+"""Time the jitted training steps, and the host input pipeline, of a config preset.
+
+  python -m imbal_jax.benchmark --config=configs/stage1.py:ham10000 --steps=20
+
+Both steps run on random uint8 images of the preset's shape, so no data set is
+needed; when the preset's data is present the input pipeline is also timed on
+its training split. Prints one JSON line per stage ('stage1', 'stage2',
+'input_pipeline'): compile time, median and 90th-percentile step time, images/s,
+XLA's FLOP count of the compiled step and, on accelerators whose peak is known,
+the model FLOP utilisation (MFU). Any config field can be overridden, e.g.
+--config.model=resnet50 --config.batch_size=64.
+
+The steps are built as train.py builds them (same optimizer, partial-bound
+arguments, shardings, donation); the stage-2 step runs on a randomly
+initialised frozen encoder, which costs the same as a trained one.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from imbal_jax import configuration, sharding, train
+from imbal_jax import steps as steps_lib
+from imbal_jax.data import pipeline, sources
+from imbal_jax.models import (ARCHITECTURES, LinearHead, Stage1Net, encoder_variables,
+                              make_encoder)
+
+STAGES = ('stage1', 'stage2')
+DTYPES = ('float32', 'bfloat16', 'float16')
+# The optimizer schedule needs a length; it does not change the step's cost.
+_NOMINAL_STEPS_PER_EPOCH = 100
+# Random images are normalised with these (the real statistics do not change the cost).
+_PIXEL_MEAN, _PIXEL_STD = 0.5, 0.25
+
+# (height = width, channels) as each reader stores images when config.image_size is 0.
+_STORED_SHAPES = {'digits': (8, 1), 'medmnist': (28, 3), 'idx': (28, 1), 'tfds': (32, 3)}
+# Readers that decode image files (and caches of them) need config.image_size; always RGB.
+_IMAGE_FILE_READERS = ('folder', 'csv', 'isic', 'prepared')
+
+# Dense (no sparsity) peak FLOP/s per JAX device, matched by substring of
+# jax.devices()[0].device_kind (case-insensitive, first match wins; None: unknown).
+# Sources: NVIDIA H100 Tensor Core GPU datasheet (SXM5: BF16/FP16 1,979 TFLOPS with
+# sparsity = 989 dense, FP32 67; PCIe: 1,513 / 2 = 756, FP32 51); NVIDIA H200 datasheet
+# (SXM: same compute as H100 SXM); NVIDIA A100 datasheet (BF16/FP16 312, FP32 19.5,
+# SXM and PCIe alike); Google Cloud TPU system architecture pages, per chip (one JAX
+# device per chip on v4/v5e/v5p): v4 275, v5e 197, v5p 459 BF16 TFLOPS.
+# With float32, XLA on A100/H100 may run convolutions and matmuls on TF32 tensor
+# cores (jax_default_matmul_precision), so an MFU against the FP32 peak can exceed 1.
+_GPU_16BIT = ('bfloat16', 'float16')
+_PEAK_FLOPS = (
+    ('H100 PCIe', {**dict.fromkeys(_GPU_16BIT, 756e12), 'float32': 51e12}),
+    ('NVL', None),  # H100 NVL / H200 NVL: lower clocks and power, not in this table
+    ('H100', {**dict.fromkeys(_GPU_16BIT, 989e12), 'float32': 67e12}),
+    ('H200', {**dict.fromkeys(_GPU_16BIT, 989e12), 'float32': 67e12}),
+    ('A100', {**dict.fromkeys(_GPU_16BIT, 312e12), 'float32': 19.5e12}),
+    ('TPU v4 lite', None),  # the v4i inference chip
+    ('TPU v4', {'bfloat16': 275e12}),
+    ('TPU v5 lite', {'bfloat16': 197e12}),  # v5e reports itself as 'TPU v5 lite'
+    ('TPU v5e', {'bfloat16': 197e12}),
+    ('TPU v5', {'bfloat16': 459e12}),  # v5p reports 'TPU v5' (or 'TPU v5p')
+)
+
+
+class BenchmarkError(ValueError):
+  """A request the benchmark cannot run; the message says what to change."""
+
+
+def peak_flops(device_kind: str, dtype: str) -> float | None:
+  """Dense peak FLOP/s of one device of `device_kind` in `dtype`; None when not known."""
+  kind = device_kind.lower()
+  for substring, peaks in _PEAK_FLOPS:
+    if substring.lower() in kind:
+      return None if peaks is None else peaks.get(dtype)
+  return None
+
+
+def image_shape(config, image_size: int | None = None) -> tuple[int, int, int]:
+  """(size, size, channels) of the preset's images: `image_size`, config.image_size or stored."""
+  if config.dataset in _IMAGE_FILE_READERS:
+    stored_size, channels = 0, 3
+  elif config.dataset in _STORED_SHAPES:
+    stored_size, channels = _STORED_SHAPES[config.dataset]
+  else:
+    raise BenchmarkError(f'config.dataset={config.dataset!r} has no known image shape.')
+  size = image_size or config.image_size or stored_size
+  if not size:
+    raise BenchmarkError(f'config.dataset={config.dataset!r} is decoded at config.image_size, '
+                         'which is 0: pass --image_size or --config.image_size.')
+  return size, size, channels
+
+
+def compute_dtype(config, dtype: str | None = None) -> str:
+  dtype = dtype or config.get('dtype', None) or 'float32'
+  if dtype not in DTYPES:
+    raise BenchmarkError(f'dtype {dtype!r} is not one of {DTYPES}.')
+  return dtype
+
+
+def flops_of(compiled) -> float | None:
+  """FLOPs of one run of `compiled` on ONE device, from XLA's cost analysis (None if absent)."""
+  try:
+    analysis = compiled.cost_analysis()
+  except Exception:  # Some backends do not implement it.
+    return None
+  # A dict in recent JAX, a list of per-module dicts in older versions.
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  flops = (analysis or {}).get('flops')
+  return float(flops) if flops is not None and flops > 0 else None
+
+
+def environment(config, dtype: str) -> dict[str, Any]:
+  """The fields every record shares: hardware and what was timed."""
+  return {
+      'device_kind': jax.devices()[0].device_kind,
+      'device_count': jax.device_count(),
+      'process_count': jax.process_count(),
+      'model': config.model,
+      'width': config.width or ARCHITECTURES[config.model][2],
+      'dtype': dtype,
+  }
+
+
+@functools.lru_cache
+def _variables_initializer(mesh):
+  # One compiled initializer per (model, image shape) serves both stages: a large
+  # model's init can take as long to compile as its train step.
+  def init(rng, *, model, shape):
+    return model.init(rng, jnp.zeros((1,) + shape, jnp.float32), train=False)
+
+  return jax.jit(init, static_argnames=('model', 'shape'),
+                 out_shardings=sharding.replicated(mesh))
+
+
+def build_step(stage: str, config, shape: tuple[int, int, int], num_classes: int, mesh,
+               dtype: str = 'float32'):
+  """(jitted step, its arguments): train.py's step for `stage` and a random global batch."""
+  if stage not in STAGES:
+    raise BenchmarkError(f'stage {stage!r} is not one of {STAGES}.')
+  encoder = make_encoder(config.model, config.width, shape[0])
+  if dtype != 'float32':
+    encoder = encoder.clone(dtype=jnp.dtype(dtype))
+  model = Stage1Net(encoder=encoder, num_classes=num_classes,
+                    projection_dim=config.projection_dim)
+  tx, learning_rate_fn = train.make_optimizer(config, _NOMINAL_STEPS_PER_EPOCH)
+  channels = shape[-1]
+  data_info = {'pixel_mean': [_PIXEL_MEAN] * channels, 'pixel_std': [_PIXEL_STD] * channels,
+               'counts': {'train': [1] * num_classes}}
+  preprocess_kwargs = train.preprocess_kwargs(config, data_info)
+  replicated = sharding.replicated(mesh)
+  rng = jax.device_put(jax.random.key(config.seed), replicated)
+  variables = _variables_initializer(mesh)(rng, model=model, shape=shape)
+
+  if stage == 'stage1':
+    state = jax.jit(lambda v, r: train.stage1_state(v, tx, r, num_classes, config.projection_dim),
+                    out_shardings=replicated)(variables, rng)
+    step_fn = train.stage1_step_fn(config, model, data_info, _NOMINAL_STEPS_PER_EPOCH,
+                                   learning_rate_fn)
+    jitted, extra_args = train.jit_train_step(step_fn, mesh), ()
+  else:
+    frozen = encoder_variables(variables['params'], variables['batch_stats'])
+    head = LinearHead(num_classes)
+    features = jax.eval_shape(lambda v: encoder.apply(v, jnp.zeros((1,) + shape), train=False),
+                              frozen)
+
+    def init(rng):
+      params = head.init(rng, jnp.zeros(features.shape, features.dtype))['params']
+      return steps_lib.TrainState.create(apply_fn=head.apply, params=params, batch_stats={}, tx=tx)
+
+    state = jax.jit(init, out_shardings=replicated)(rng)
+    step_fn = functools.partial(steps_lib.stage2_step, encoder=encoder, head=head,
+                                learning_rate_fn=learning_rate_fn, **preprocess_kwargs)
+    jitted, extra_args = train.jit_train_step(step_fn, mesh, num_extra_args=1), (frozen,)
+
+  # This process's rows of the global batch, as train.py's input pipeline delivers them.
+  local_batch = config.batch_size // jax.process_count()
+  host_rng = np.random.default_rng(config.seed + jax.process_index())
+  batch = sharding.put_global_batch({
+      'image': host_rng.integers(0, 256, (local_batch,) + shape, dtype=np.uint8),
+      'label': host_rng.integers(0, num_classes, local_batch, dtype=np.int32)}, mesh)
+  step_rng = jax.device_put(jax.random.key(config.seed + 1), replicated)
+  return jitted, (state, batch, step_rng) + extra_args
+
+
+def _time_compiled(compiled, args, steps: int, warmup: int) -> list[float]:
+  """Seconds of each of `steps` synchronised steps after `warmup` untimed ones."""
+  state, rest = args[0], args[1:]
+  times = []
+  for index in range(warmup + steps):
+    start = time.perf_counter()
+    state, measurements = compiled(state, *rest)  # the old state is donated
+    # One executable's outputs become ready together, so the measurements suffice.
+    jax.block_until_ready(measurements)
+    if index >= warmup:
+      times.append(time.perf_counter() - start)
+  return times
+
+
+def benchmark_step(stage: str, config, *, image_size: int | None = None, num_classes: int = 10,
+                   steps: int = 20, warmup: int = 3, dtype: str | None = None,
+                   mesh=None) -> dict[str, Any]:
+  """Compiles and times `stage`'s train step on random data; one JSON-ready record."""
+  if steps < 1 or warmup < 0:
+    raise BenchmarkError(f'need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}.')
+  mesh = sharding.make_mesh() if mesh is None else mesh
+  try:
+    sharding.check_batch_size(config.batch_size, mesh)
+  except ValueError as error:
+    raise BenchmarkError(str(error)) from None
+  dtype = compute_dtype(config, dtype)
+  shape = image_shape(config, image_size)
+  jitted, args = build_step(stage, config, shape, num_classes, mesh, dtype)
+  start = time.perf_counter()
+  compiled = jitted.lower(*args).compile()  # what the first call would spend
+  compile_seconds = time.perf_counter() - start
+  times = _time_compiled(compiled, args, steps, warmup)
+
+  median = float(np.median(times))
+  record = {'stage': stage, **environment(config, dtype), 'image_size': shape[0],
+            'channels': shape[2], 'global_batch': config.batch_size,
+            'compile_seconds': compile_seconds, 'step_seconds_median': median,
+            'step_seconds_p90': float(np.percentile(times, 90)),
+            'images_per_sec': config.batch_size / median}
+  # The compiled program is the per-device SPMD partition: the whole step does
+  # device_count times its FLOPs (replicated work, e.g. after an all-gather, counts
+  # on every device, as the hardware does run it).
+  num_devices = mesh.devices.size
+  per_device = flops_of(compiled)
+  flops = None if per_device is None else per_device * num_devices
+  peak = peak_flops(record['device_kind'], dtype)
+  peak = None if peak is None else peak * num_devices
+  achieved = None if flops is None else flops / median
+  record.update(flops_per_step=flops, achieved_flops_per_sec=achieved, peak_flops_per_sec=peak,
+                mfu=None if achieved is None or peak is None else achieved / peak)
+  return record
+
+
+def time_input_pipeline(config, *, steps: int = 20, warmup: int = 3,
+                        dtype: str | None = None) -> dict[str, Any]:
+  """Times pipeline.train_iterator over the real training split alone (no device work).
+
+  Skipped, with a 'note', when the data cannot be loaded. images_per_sec counts
+  this process's rows of each global batch: what one host's pipeline delivers.
+  """
+  record = {'stage': 'input_pipeline', **environment(config, compute_dtype(config, dtype)),
+            'global_batch': config.batch_size, 'data_workers': config.data_workers}
+  try:
+    dataset = sources.load(config)
+  except sources.DataError as error:
+    return {**record, 'skipped': True, 'note': f'data not available: {error}',
+            'images_per_sec': None}
+  train_split = dataset.splits['train']
+  steps_per_epoch = math.ceil(len(train_split) / config.batch_size)
+  num_epochs = math.ceil((warmup + steps) / steps_per_epoch)
+  batches = pipeline.TrainBatches(train_split, dataset.num_classes, config.batch_size,
+                                  config.sampler, config.seed, num_epochs)
+  iterator = pipeline.train_iterator(batches, config.data_workers)
+  for _ in range(warmup):
+    next(iterator)
+  times, images = [], 0
+  for _ in range(steps):
+    start = time.perf_counter()
+    images += len(next(iterator)['label'])
+    times.append(time.perf_counter() - start)
+  height, width, channels = dataset.image_shape
+  record.update(skipped=False, dataset=dataset.name, train_images=len(train_split),
+                image_size=height, channels=channels,
+                batch_seconds_median=float(np.median(times)),
+                images_per_sec=images / sum(times))
+  return record
+
+
+def run(config, *, steps: int = 20, warmup: int = 3, image_size: int | None = None,
+        num_classes: int = 10, dtype: str | None = None) -> list[dict[str, Any]]:
+  """The three records: the stage-1 step, the stage-2 step and the input pipeline."""
+  if config.stage != 'stage1':
+    raise BenchmarkError('pass a stage-1 config (configs/stage1.py[:PRESET]): a stage-2 config '
+                         'inherits its model and data from a stage-1 run; both steps are timed '
+                         'from the stage-1 config.')
+  config = configuration.resolve(config)
+  records = [benchmark_step(stage, config, image_size=image_size, num_classes=num_classes,
+                            steps=steps, warmup=warmup, dtype=dtype) for stage in STAGES]
+  # After the steps, so that the pipeline's threads do not compete with them.
+  records.append(time_input_pipeline(config, steps=steps, warmup=warmup, dtype=dtype))
+  return records
+
+
+def define_flags():
+  """Flags of the command only: importing this module defines none (prepare.py has --image_size)."""
+  config_flags.DEFINE_config_file('config', None, 'A stage-1 config file, e.g. '
+                                  'configs/stage1.py:ham10000.', lock_config=True)
+  flags.DEFINE_integer('steps', 20, 'Timed steps (and timed input batches).')
+  flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
+  flags.DEFINE_integer('batch_size', None, 'Global batch; default config.batch_size.')
+  flags.DEFINE_integer('image_size', None, "Image height = width; default the preset's.")
+  flags.DEFINE_integer('num_classes', 10, 'Classes of the random labels.')
+  flags.DEFINE_enum('dtype', None, list(DTYPES),
+                    'Encoder compute dtype; default config.dtype if set, else float32.')
+  flags.mark_flags_as_required(['config'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  FLAGS = flags.FLAGS
+  if not FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+  config = FLAGS.config
+  if FLAGS.batch_size is not None:
+    config.batch_size = FLAGS.batch_size
+  try:
+    records = run(config, steps=FLAGS.steps, warmup=FLAGS.warmup, image_size=FLAGS.image_size,
+                  num_classes=FLAGS.num_classes, dtype=FLAGS.dtype)
+  except (BenchmarkError, configuration.ConfigError) as error:
+    print(f'imbal_jax: benchmark error: {error}', file=sys.stderr)
+    sys.exit(2)
+  if jax.process_index() == 0:
+    for record in records:
+      print(json.dumps(record), flush=True)
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)

@@ -1,0 +1,105 @@
+"""What a rerun does with the run directory it finds.
+
+- A workdir that holds a run with a different config is refused (with the
+  differing fields) unless the user forces it.
+- On resume, log lines written after the restored checkpoint (by the run that
+  was interrupted) are dropped: the resumed run writes them again, identically.
+- A report about to be replaced is kept as report.N.json.
+- SIGTERM (a pre-emption notice) asks the loop to checkpoint at the next step
+  boundary and stop.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import signal
+import threading
+
+from imbal_jax import atomic
+
+# Fields that change neither the data nor the training trajectory.
+HARMLESS_FIELDS = {'log_every_steps', 'eval_batch_size', 'data_workers', 'checkpoint_every_epochs',
+                   'eval_every_epochs'}
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what schedulers expect from a terminated job
+
+
+class WorkdirError(ValueError):
+  """The workdir holds something this run must not overwrite or mix with."""
+
+
+class Preempted(Exception):
+  """SIGTERM arrived; a checkpoint was saved at `step`."""
+
+  def __init__(self, step: int, workdir: pathlib.Path):
+    super().__init__(f'pre-empted (SIGTERM): saved a checkpoint at step {step} in '
+                     f'{workdir / "checkpoints"}; rerun the same command to continue.')
+    self.step = step
+
+
+def check_config(workdir: pathlib.Path, config: dict, force: bool) -> None:
+  """Refuses a workdir whose saved config differs from `config` in a field that matters."""
+  saved_path = workdir / 'config.json'
+  if not saved_path.is_file():
+    return
+  saved = json.loads(saved_path.read_text())
+  keys = (set(saved) | set(config)) - HARMLESS_FIELDS
+  differing = {k: (saved.get(k), config.get(k)) for k in sorted(keys)
+               if saved.get(k) != config.get(k)}
+  if not differing or force:
+    return
+  lines = '\n'.join(f'  {k}: {old!r} in the workdir, {new!r} now'
+                    for k, (old, new) in differing.items())
+  raise WorkdirError(
+      f'{workdir} holds a run with a different config:\n{lines}\n'
+      'Use a new --workdir to start fresh, or pass --force to continue this run with the new '
+      'config (its checkpoints and logs are kept).')
+
+
+def truncate_log(path: pathlib.Path, last_step: int) -> None:
+  """Keeps the records of a JSON-lines log up to `last_step` (atomically)."""
+  if not path.is_file():
+    return
+  kept = []
+  for line in path.read_text().splitlines():
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      continue  # a line cut short by a kill
+    if record.get('step', 0) <= last_step:
+      kept.append(line)
+  atomic.write_text(path, ''.join(line + '\n' for line in kept))
+
+
+def keep_previous_report(workdir: pathlib.Path) -> pathlib.Path | None:
+  """Renames an existing report.json to report.N.json (first free N)."""
+  report = workdir / 'report.json'
+  if not report.is_file():
+    return None
+  index = 1
+  while (workdir / f'report.{index}.json').exists():
+    index += 1
+  target = workdir / f'report.{index}.json'
+  report.rename(target)
+  return target
+
+
+class StopRequest:
+  """Set by SIGTERM; the training loop checks it at step boundaries."""
+
+  def __init__(self):
+    self._event = threading.Event()
+    self._previous = None
+
+  def __enter__(self) -> 'StopRequest':
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._event.set())
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  @property
+  def requested(self) -> bool:
+    return self._event.is_set()

@@ -1,0 +1,163 @@
+"""Faults really caused: kill -9, SIGTERM, NaN, corrupt checkpoints, config mix-ups."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import CACHE_DIR, ROOT
+from test_configuration import load_config
+from test_end_to_end import read_jsonl
+from imbal_jax import train, workdir
+
+# 477 digits / 32 = 15 steps per epoch, 6 epochs: long enough to interrupt.
+ARGS = ['--config.width=4', '--config.num_epochs=6', '--config.warmup_epochs=1',
+        '--config.batch_size=32', '--config.eval_batch_size=64', '--config.log_every_steps=5']
+STEPS_PER_EPOCH = 15
+
+
+def command(run_dir):
+  return [sys.executable, '-m', 'imbal_jax.main', '--config=configs/stage1.py',
+          f'--workdir={run_dir}', *ARGS]
+
+
+def environment():
+  env = dict(os.environ)
+  env.update(XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu',
+             JAX_COMPILATION_CACHE_DIR=str(CACHE_DIR), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  return env
+
+
+def run_to_end(run_dir):
+  result = subprocess.run(command(run_dir), cwd=ROOT, env=environment(), capture_output=True,
+                          text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+def start_and_wait_for_checkpoint(run_dir, step):
+  process = subprocess.Popen(command(run_dir), cwd=ROOT, env=environment(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  marker = run_dir / 'checkpoints' / str(step) / 'commit_success.txt'
+  deadline = time.time() + 300
+  while not marker.exists():
+    assert process.poll() is None, 'the run ended before it could be interrupted'
+    assert time.time() < deadline, 'no checkpoint appeared'
+    time.sleep(0.02)
+  return process
+
+
+def final_state(run_dir):
+  step = max(int(p.name) for p in (run_dir / 'checkpoints').iterdir() if p.name.isdigit())
+  return ocp.StandardCheckpointer().restore((run_dir / 'checkpoints' / str(step) / 'state')
+                                            .absolute())
+
+
+def assert_trees_bitwise_equal(a, b):
+  import jax
+  leaves_a, leaves_b = jax.tree.leaves_with_path(a), jax.tree.leaves_with_path(b)
+  assert [p for p, _ in leaves_a] == [p for p, _ in leaves_b]
+  for (path, x), (_, y) in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(path))
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  run_dir = tmp_path_factory.mktemp('reliability') / 'uninterrupted'
+  run_to_end(run_dir)
+  return run_dir
+
+
+def test_kill_9_mid_run_then_rerun_ends_bit_identical(uninterrupted, tmp_path):
+  run_dir = tmp_path / 'killed'
+  process = start_and_wait_for_checkpoint(run_dir, STEPS_PER_EPOCH)
+  process.send_signal(signal.SIGKILL)
+  process.wait(timeout=60)
+  assert not (run_dir / 'report.json').exists()
+  out = run_to_end(run_dir)
+  assert 'Resuming stage1 from step' in out.stdout
+  assert_trees_bitwise_equal(final_state(run_dir), final_state(uninterrupted))
+  # The log has each step once, with the values of the uninterrupted run.
+  resumed = read_jsonl(run_dir / 'metrics.jsonl')
+  original = read_jsonl(uninterrupted / 'metrics.jsonl')
+  assert [r['step'] for r in resumed] == [r['step'] for r in original]
+  assert [r['loss'] for r in resumed] == [r['loss'] for r in original]
+
+
+def test_sigterm_checkpoints_at_next_step_and_rerun_continues(uninterrupted, tmp_path):
+  run_dir = tmp_path / 'preempted'
+  process = start_and_wait_for_checkpoint(run_dir, STEPS_PER_EPOCH)
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode == workdir.PREEMPTED_EXIT_CODE, stderr[-2000:]
+  assert 'pre-empted (SIGTERM): saved a checkpoint at step' in stderr
+  saved = max(int(p.name) for p in (run_dir / 'checkpoints').iterdir() if p.name.isdigit())
+  assert saved >= STEPS_PER_EPOCH
+  run_to_end(run_dir)
+  assert_trees_bitwise_equal(final_state(run_dir), final_state(uninterrupted))
+
+
+def test_corrupt_checkpoint_gives_a_clear_error(uninterrupted, tmp_path):
+  run_dir = tmp_path / 'corrupt'
+  shutil.copytree(uninterrupted, run_dir)
+  last = max(int(p.name) for p in (run_dir / 'checkpoints').iterdir() if p.name.isdigit())
+  for path in (run_dir / 'checkpoints' / str(last) / 'state').rglob('*'):
+    if path.is_file() and path.parent.name == 'd':
+      path.write_bytes(path.read_bytes()[:10])
+  result = subprocess.run(command(run_dir), cwd=ROOT, env=environment(), capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 2
+  assert f'checkpoint error: the checkpoint {run_dir.absolute()}/checkpoints/{last} cannot be read' \
+      in result.stderr
+  assert f'to resume from step {last - STEPS_PER_EPOCH}' in result.stderr
+
+
+def test_workdir_with_other_config_is_refused_then_forced(uninterrupted, tmp_path):
+  run_dir = tmp_path / 'other'
+  shutil.copytree(uninterrupted, run_dir)
+  config = load_config('stage1')
+  for override in ARGS:
+    field, value = override[len('--config.'):].split('=')
+    config[field] = type(config[field])(value)
+  config.temperature = 0.2
+  with pytest.raises(workdir.WorkdirError, match=r'temperature: 0.1 in the workdir, 0.2 now'):
+    train.train_and_evaluate(config, str(run_dir))
+  report = train.train_and_evaluate(config, str(run_dir), force=True)
+  assert report['config']['temperature'] == 0.2
+  # The earlier report was kept, not overwritten.
+  kept = json.loads((run_dir / 'report.1.json').read_text())
+  assert kept['config']['temperature'] == 0.1
+
+
+def nan_config():
+  config = load_config('stage1')
+  config.update(width=4, num_epochs=1, warmup_epochs=0, batch_size=32, eval_batch_size=64,
+                log_every_steps=5, learning_rate=1e30)
+  return config
+
+
+def test_non_finite_loss_stops_with_step_and_terms(tmp_path):
+  with pytest.raises(FloatingPointError,
+                     match=r'non-finite loss or gradients at step \d+ .*last logged terms: '
+                           r'.*loss=nan.*The update was not applied. Last good checkpoint: '
+                           r'none yet'):
+    train.train_and_evaluate(nan_config(), str(tmp_path / 'nan'))
+
+
+def test_skip_nonfinite_skips_and_counts(tmp_path):
+  config = nan_config()
+  config.skip_nonfinite = True
+  train.train_and_evaluate(config, str(tmp_path / 'skip'))
+  records = read_jsonl(tmp_path / 'skip' / 'metrics.jsonl')
+  assert records[-1]['skipped_nonfinite_steps'] > 0
+  state = final_state(tmp_path / 'skip')
+  assert int(state['nonfinite_steps']) == records[-1]['skipped_nonfinite_steps']
+  import jax
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state['params']))
