@@ -13,6 +13,7 @@ so restoring needs no pickled Python objects.
 
 from __future__ import annotations
 
+import errno
 import pathlib
 from typing import Any
 
@@ -36,6 +37,12 @@ def _unreadable(directory, step, error, others) -> CheckpointError:
       '--workdir.')
 
 
+def _is_disk_full(error: BaseException) -> bool:
+  text = str(error)
+  return (isinstance(error, OSError) and error.errno == errno.ENOSPC) or \
+      'RESOURCE_EXHAUSTED' in text or 'No space left' in text
+
+
 def _abstract(tree):
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
@@ -44,6 +51,7 @@ class Checkpoints:
 
   def __init__(self, workdir: str | pathlib.Path, max_to_keep: int = 2):
     root = pathlib.Path(workdir).absolute()
+    self.root = root
     self._latest = ocp.CheckpointManager(
         root / 'checkpoints', options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep))
     self._best = ocp.CheckpointManager(
@@ -57,11 +65,27 @@ class Checkpoints:
   def best_step(self) -> int | None:
     return self._best.latest_step()
 
+  def _guarded(self, action, what: str):
+    """Runs a save (or a wait for one); a failure becomes one CheckpointError."""
+    try:
+      return action()
+    except Exception as error:  # orbax re-raises tensorstore errors as ValueError
+      complete = self._latest.all_steps()
+      # What completed before the failure is kept; resuming starts from there.
+      resume = (f'a rerun resumes from step {max(complete)}, the last complete checkpoint'
+                if complete else 'no checkpoint of this run is complete yet')
+      cause = 'the disk is full' if _is_disk_full(error) else (
+          f'{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}')
+      # Saves run in the background: the failure may be an earlier save's, found now.
+      raise CheckpointError(f'saving checkpoints in {self.root} failed (found while saving '
+                            f'{what}): {cause}. Free space (or '
+                            f'choose another --workdir) and rerun: {resume}.') from error
+
   def save_state(self, step: int, state, bookkeeping: dict[str, Any], data_iterator) -> None:
-    self._latest.save(step, args=ocp.args.Composite(
+    self._guarded(lambda: self._latest.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(flax.serialization.to_state_dict(state)),
         bookkeeping=ocp.args.JsonSave(bookkeeping),
-        data=grain.checkpoint.CheckpointSave(data_iterator)))
+        data=grain.checkpoint.CheckpointSave(data_iterator))), f'the checkpoint of step {step}')
 
   def restore_state(self, state_like, data_iterator):
     """(state, bookkeeping) at the latest step, and `data_iterator` moved to match.
@@ -85,8 +109,9 @@ class Checkpoints:
   def save_best(self, step: int, variables, info: dict[str, Any]) -> None:
     if step in self._best.all_steps():
       return  # Re-reached after a resume: same step, same deterministic values.
-    self._best.save(step, args=ocp.args.Composite(
-        variables=ocp.args.StandardSave(variables), info=ocp.args.JsonSave(info)))
+    self._guarded(lambda: self._best.save(step, args=ocp.args.Composite(
+        variables=ocp.args.StandardSave(variables), info=ocp.args.JsonSave(info))),
+                  f'the selected model of step {step}')
 
   def restore_best(self, variables_like):
     """(variables, info) of the selected model."""
@@ -94,8 +119,8 @@ class Checkpoints:
     return restore_best(self._best, variables_like)
 
   def wait(self) -> None:
-    self._latest.wait_until_finished()
-    self._best.wait_until_finished()
+    self._guarded(self._latest.wait_until_finished, 'the latest checkpoint')
+    self._guarded(self._best.wait_until_finished, 'the selected model')
 
   def close(self) -> None:
     self._latest.close()

@@ -10,6 +10,7 @@ with that checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -219,6 +220,21 @@ def _is_log_step(step: int, config, total_steps: int) -> bool:
   return step == 1 or step % config.log_every_steps == 0 or step == total_steps
 
 
+@contextlib.contextmanager
+def _closing_on_error(ckpt, progress):
+  """Closes the progress bar and the checkpoint managers if the loop fails, so the
+  error is the last thing printed and background threads stop with the run."""
+  try:
+    yield
+  except BaseException:
+    progress.close()
+    try:
+      ckpt.close()
+    except Exception:  # the original error is the one to report
+      pass
+    raise
+
+
 def _check_finite(state, measurements, config, ckpt, workdir, done) -> int:
   """Stops on a refused (non-finite) update unless config.skip_nonfinite; returns the count."""
   count = int(state.nonfinite_steps)
@@ -302,7 +318,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   progress = tqdm(total=total_steps, initial=start_step, desc=config.stage, unit='step',
                   disable=not is_writer, dynamic_ncols=True)
   last_log_time, last_log_step = time.perf_counter(), start_step
-  with workdir_lib.StopRequest() as stop:
+  with workdir_lib.StopRequest() as stop, _closing_on_error(ckpt, progress):
     for step in range(start_step, total_steps):
       batch = sharding.put_global_batch(next(data_iterator), mesh)
       state, measurements = stage.train_step(state, batch, rng)

@@ -161,3 +161,30 @@ def test_skip_nonfinite_skips_and_counts(tmp_path):
   assert int(state['nonfinite_steps']) == records[-1]['skipped_nonfinite_steps']
   import jax
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state['params']))
+
+
+def test_disk_full_while_saving_keeps_the_last_checkpoint(tmp_path):
+  """A real tiny filesystem (tmpfs; needs root, as CI has): fill it during training."""
+  mount_point = tmp_path / 'tiny'
+  mount_point.mkdir()
+  # Room for the first checkpoint and selected model (about 1.8 MB here), not a second one.
+  mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=2400k', 'tmpfs',
+                            str(mount_point)], capture_output=True, text=True)
+  if mounted.returncode != 0:
+    pytest.skip(f'cannot mount a tmpfs here: {mounted.stderr.strip()}')
+  try:
+    run_dir = mount_point / 'run'
+    result = subprocess.run(command(run_dir), cwd=ROOT, env=environment(), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last_line = [l for l in result.stderr.splitlines() if l.startswith('imbal_jax:')][-1]
+    assert 'checkpoint error: saving checkpoints in' in last_line
+    assert 'the disk is full' in last_line
+    assert f'a rerun resumes from step {STEPS_PER_EPOCH}, the last complete checkpoint' in last_line
+    # Given room again, the same command resumes from that checkpoint and finishes.
+    subprocess.run(['mount', '-o', 'remount,size=64m', str(mount_point)], check=True)
+    out = run_to_end(run_dir)
+    assert f'Resuming stage1 from step {STEPS_PER_EPOCH}' in out.stdout
+    assert (run_dir / 'report.json').is_file()
+  finally:
+    subprocess.run(['umount', str(mount_point)], capture_output=True)
