@@ -30,7 +30,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from imbal_jax import configuration, sharding, train
+from imbal_jax import configuration, sharding, stages
 from imbal_jax import steps as steps_lib
 from imbal_jax.data import pipeline, sources
 from imbal_jax.models import (ARCHITECTURES, LinearHead, Stage1Net, encoder_variables,
@@ -153,21 +153,21 @@ def build_step(stage: str, config, shape: tuple[int, int, int], num_classes: int
     encoder = encoder.clone(dtype=jnp.dtype(dtype))
   model = Stage1Net(encoder=encoder, num_classes=num_classes,
                     projection_dim=config.projection_dim)
-  tx, learning_rate_fn = train.make_optimizer(config, _NOMINAL_STEPS_PER_EPOCH)
+  tx, learning_rate_fn = stages.make_optimizer(config, _NOMINAL_STEPS_PER_EPOCH)
   channels = shape[-1]
   data_info = {'pixel_mean': [_PIXEL_MEAN] * channels, 'pixel_std': [_PIXEL_STD] * channels,
                'counts': {'train': [1] * num_classes}}
-  preprocess_kwargs = train.preprocess_kwargs(config, data_info)
+  preprocess_kwargs = stages.preprocess_kwargs(config, data_info)
   replicated = sharding.replicated(mesh)
   rng = jax.device_put(jax.random.key(config.seed), replicated)
   variables = _variables_initializer(mesh)(rng, model=model, shape=shape)
 
   if stage == 'stage1':
-    state = jax.jit(lambda v, r: train.stage1_state(v, tx, r, num_classes, config.projection_dim),
+    state = jax.jit(lambda v, r: stages.stage1_state(v, tx, r, num_classes, config.projection_dim),
                     out_shardings=replicated)(variables, rng)
-    step_fn = train.stage1_step_fn(config, model, data_info, _NOMINAL_STEPS_PER_EPOCH,
+    step_fn = stages.stage1_step_fn(config, model, data_info, _NOMINAL_STEPS_PER_EPOCH,
                                    learning_rate_fn)
-    jitted, extra_args = train.jit_train_step(step_fn, mesh), ()
+    jitted, extra_args = stages.jit_train_step(step_fn, mesh), ()
   else:
     frozen = encoder_variables(variables['params'], variables['batch_stats'])
     head = LinearHead(num_classes)
@@ -181,7 +181,7 @@ def build_step(stage: str, config, shape: tuple[int, int, int], num_classes: int
     state = jax.jit(init, out_shardings=replicated)(rng)
     step_fn = functools.partial(steps_lib.stage2_step, encoder=encoder, head=head,
                                 learning_rate_fn=learning_rate_fn, **preprocess_kwargs)
-    jitted, extra_args = train.jit_train_step(step_fn, mesh, num_extra_args=1), (frozen,)
+    jitted, extra_args = stages.jit_train_step(step_fn, mesh, num_extra_args=1), (frozen,)
 
   # This process's rows of the global batch, as train.py's input pipeline delivers them.
   local_batch = config.batch_size // jax.process_count()

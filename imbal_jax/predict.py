@@ -39,8 +39,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from imbal_jax import atomic, checkpoint, sharding, steps
-from imbal_jax.data.inference_inputs import (  # noqa: F401  (conform: public API)
-    Inputs, PredictError, conform, read_inputs)
+from imbal_jax.data.inference_inputs import Inputs, PredictError, read_inputs
 from imbal_jax.data.sources import DataError
 from imbal_jax.models import LinearHead, Stage1Net, make_encoder
 

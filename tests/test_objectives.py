@@ -1,7 +1,5 @@
 """The config's choice of losses reaches the step as the matching pure function."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -9,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from imbal_jax import losses, metric_losses, objectives, steps, train
+from imbal_jax import losses, metric_losses, objectives, stages
 from imbal_jax.models import Stage1Net, make_encoder
 
 COUNTS = [50, 20, 5]
@@ -83,11 +81,11 @@ def test_two_views_and_class_centres_in_a_real_step():
   model = Stage1Net(encoder=make_encoder('resnet32', width=4, image_size=8), num_classes=3,
                     projection_dim=8)
   variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)
-  state = train.stage1_state(variables, optax.sgd(0.1), jax.random.key(1), 3, 8)
+  state = stages.stage1_state(variables, optax.sgd(0.1), jax.random.key(1), 3, 8)
   cfg = config(metric_loss='class_center', num_views=2, contrastive_weight=1.0, augment='crop',
                crop_padding=1)
   data_info = {'pixel_mean': [0.5], 'pixel_std': [0.25], 'counts': {'train': COUNTS}}
-  step = jax.jit(train.stage1_step_fn(cfg, model, data_info, 10, optax.constant_schedule(0.1)))
+  step = jax.jit(stages.stage1_step_fn(cfg, model, data_info, 10, optax.constant_schedule(0.1)))
   rng = np.random.default_rng(0)
   batch = {'image': rng.integers(0, 256, (6, 8, 8, 1), dtype=np.uint8),
            'label': np.asarray([0, 0, 1, 1, 2, 2], np.int32)}

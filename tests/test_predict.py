@@ -18,7 +18,7 @@ from PIL import Image
 
 from conftest import ROOT
 from imbal_jax import checkpoint, predict, train
-from imbal_jax.data import sources
+from imbal_jax.data import inference_inputs, sources
 from imbal_jax.models import Stage1Net, make_encoder
 
 
@@ -189,12 +189,12 @@ def test_npz_of_another_size_and_channel_count_is_conformed(root, digits_test, t
   out = capsys.readouterr().out
   assert 'converted to grey' in out and 'images are 16x16: resized' in out
   assert predictions.status == ['ok'] * 4
-  conformed = predict.conform(rgb[0], (8, 8, 1))
+  conformed = inference_inputs.conform(rgb[0], (8, 8, 1))
   assert conformed.shape == (8, 8, 1) and conformed.dtype == np.uint8
   # Grey to RGB repeats the channel; RGB to grey uses the ITU-R 601 weights, rounded.
-  assert predict.conform(images[0], (8, 8, 3)).tolist() == np.repeat(images[0], 3, -1).tolist()
+  assert inference_inputs.conform(images[0], (8, 8, 3)).tolist() == np.repeat(images[0], 3, -1).tolist()
   pixel = np.asarray([[[200, 100, 50]]], np.uint8)
-  assert predict.conform(pixel, (1, 1, 1))[0, 0, 0] == round(0.299 * 200 + 0.587 * 100 + 5.7)
+  assert inference_inputs.conform(pixel, (1, 1, 1))[0, 0, 0] == round(0.299 * 200 + 0.587 * 100 + 5.7)
 
 
 def test_bad_workdirs_inputs_and_batch_sizes(root, tmp_path):
