@@ -24,6 +24,15 @@ def decode_image(path: pathlib.Path, image_size: int) -> np.ndarray:
   """One RGB uint8 [image_size, image_size, 3] image; raises DataError naming the file."""
   try:
     with Image.open(path) as image:
+      limit = Image.MAX_IMAGE_PIXELS
+      if limit and image.width * image.height > limit:  # PIL only warns up to 2x its limit
+        raise DataError(f'{path}: {image.width}x{image.height} pixels is over the decoding limit '
+                        f'of {limit} (PIL.Image.MAX_IMAGE_PIXELS); downscale the file first.')
+      if image.mode.startswith('I;16'):  # 16-bit grey: keep the top 8 bits (convert clips)
+        image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
+      elif image.mode in ('I', 'F'):
+        raise DataError(f'{path}: 32-bit ({image.mode}) images are not supported; convert the '
+                        'file to 8 or 16 bits.')
       image = image.convert('RGB')
       width, height = image.size
       scale = image_size / min(width, height)
@@ -32,6 +41,8 @@ def decode_image(path: pathlib.Path, image_size: int) -> np.ndarray:
       left = (resized.width - image_size) // 2
       top = (resized.height - image_size) // 2
       return np.asarray(resized.crop((left, top, left + image_size, top + image_size)), np.uint8)
+  except DataError:
+    raise
   except Exception as error:  # PIL raises many types for broken files, bombs included
     raise DataError(f'{path}: cannot decode image ({type(error).__name__}: {error}).') from None
 
@@ -81,9 +92,19 @@ def scan_class_folders(root: pathlib.Path):
   share a name (nested layouts such as Hyper-Kvasir's).
   """
   by_folder: dict[pathlib.Path, list[pathlib.Path]] = {}
-  for path in sorted(root.rglob('*')):
-    if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-      by_folder.setdefault(path.parent, []).append(path)
+  seen = set()
+  # os.walk follows symlinked class folders (Path.rglob does not before 3.13); `seen` stops loops.
+  for directory, subdirectories, files in os.walk(root, followlinks=True):
+    real = os.path.realpath(directory)
+    if real in seen:
+      subdirectories[:] = []
+      continue
+    seen.add(real)
+    for name in files:
+      path = pathlib.Path(directory) / name
+      if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+        by_folder.setdefault(path.parent, []).append(path)
+  by_folder = {folder: sorted(paths) for folder, paths in by_folder.items()}
   if root in by_folder:
     raise DataError(f'{root}: images lie directly in the data folder; put each class in its own '
                     'sub-folder (root/CLASS/image.jpg).')
@@ -93,7 +114,8 @@ def scan_class_folders(root: pathlib.Path):
   folders = sorted(by_folder)
   leaf_names = [f.name for f in folders]
   unique = len(set(leaf_names)) == len(leaf_names)
-  class_names = [f.name if unique else str(f.relative_to(root)) for f in folders]
+  # Names must be writable text: non-UTF-8 bytes in a folder name are shown as \xNN.
+  class_names = [_printable(f.name if unique else str(f.relative_to(root))) for f in folders]
   paths, labels = [], []
   for label, folder in enumerate(folders):
     paths += by_folder[folder]
@@ -101,20 +123,35 @@ def scan_class_folders(root: pathlib.Path):
   return paths, labels, class_names
 
 
-def _read_csv_rows(csv_path: pathlib.Path, required: list[str]) -> list[dict[str, str]]:
+def _printable(name: str) -> str:
+  return name.encode('utf-8', 'surrogateescape').decode('utf-8', 'backslashreplace')
+
+
+def _read_csv_rows(csv_path: pathlib.Path, required: list[str]):
+  """(rows, line numbers): the line each row ends on, for messages."""
+  rows, lines = [], []
   try:
-    with csv_path.open(newline='', encoding='utf-8') as handle:
+    # utf-8-sig: spreadsheet exports often start with a byte-order mark.
+    with csv_path.open(newline='', encoding='utf-8-sig') as handle:
       reader = csv.DictReader(handle)
       columns = reader.fieldnames or []
-      rows = list(reader)
-  except (UnicodeDecodeError, csv.Error) as error:
+      for row in reader:
+        if None in row.values():
+          raise DataError(f'{csv_path}: line {reader.line_num} has fewer cells than the header '
+                          f'{columns}.')
+        rows.append(row)
+        lines.append(reader.line_num)
+  except (OSError, UnicodeDecodeError, csv.Error) as error:
     raise DataError(f'{csv_path}: not a readable UTF-8 CSV ({error}).') from None
+  repeated = sorted({c for c in columns if columns.count(c) > 1})
+  if repeated:
+    raise DataError(f'{csv_path}: duplicate column(s) {repeated} in the header.')
   missing = [c for c in required if c not in columns]
   if missing:
     raise DataError(f'{csv_path}: missing column(s) {missing}; found {columns}.')
   if not rows:
     raise DataError(f'{csv_path}: no rows.')
-  return rows
+  return rows, lines
 
 
 def _check_unique(values, csv_path, what):
@@ -129,13 +166,15 @@ def _check_unique(values, csv_path, what):
 
 def read_path_label_csv(csv_path: pathlib.Path):
   """(paths, labels, class names) from a CSV with columns path,label."""
-  rows = _read_csv_rows(csv_path, ['path', 'label'])
+  rows, lines = _read_csv_rows(csv_path, ['path', 'label'])
   raw_labels = [row['label'].strip() for row in rows]
-  if any(not label for label in raw_labels):
-    line = raw_labels.index('') + 2
-    raise DataError(f'{csv_path}: empty label on line {line}.')
-  _check_unique([row['path'] for row in rows], csv_path, 'path(s)')
-  names = sorted(set(raw_labels), key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
+  for what, values in (('label', raw_labels), ('path', [row['path'].strip() for row in rows])):
+    if '' in values:
+      raise DataError(f'{csv_path}: empty {what} on line {lines[values.index("")]}.')
+  # The same file under two spellings ('a.png', './a.png') is a duplicate too.
+  _check_unique([os.path.normpath(row['path']) for row in rows], csv_path, 'path(s)')
+  numeric = lambda s: s.isascii() and s.isdigit()  # noqa: E731 ('²'.isdigit() is True)
+  names = sorted(set(raw_labels), key=lambda s: (not numeric(s), int(s) if numeric(s) else 0, s))
   index = {name: i for i, name in enumerate(names)}
   paths = [csv_path.parent / row['path'] for row in rows]
   return paths, [index[label] for label in raw_labels], names
@@ -143,7 +182,7 @@ def read_path_label_csv(csv_path: pathlib.Path):
 
 def read_isic_csv(csv_path: pathlib.Path, image_dir: pathlib.Path):
   """(paths, labels, class names, notes) from an ISIC ground-truth CSV (one-hot columns)."""
-  rows = _read_csv_rows(csv_path, ['image'])
+  rows, lines = _read_csv_rows(csv_path, ['image'])
   columns = [c for c in rows[0].keys() if c != 'image']
   try:
     onehot = np.asarray([[float(row[c]) for c in columns] for row in rows])
@@ -151,7 +190,7 @@ def read_isic_csv(csv_path: pathlib.Path, image_dir: pathlib.Path):
     raise DataError(f'{csv_path}: class columns {columns} must hold 0/1 values.') from None
   notes = []
   # ISIC 2019's UNK ('none of the others') column is empty in the training data.
-  empty = [c for i, c in enumerate(columns) if onehot[:, i].sum() == 0]
+  empty = [c for i, c in enumerate(columns) if (onehot[:, i] == 0).all()]
   if 'UNK' in empty:
     keep = [i for i, c in enumerate(columns) if c != 'UNK']
     columns, onehot = [columns[i] for i in keep], onehot[:, keep]
@@ -159,7 +198,7 @@ def read_isic_csv(csv_path: pathlib.Path, image_dir: pathlib.Path):
   per_row = onehot.sum(axis=1)
   bad = np.flatnonzero((per_row != 1) | ~np.isin(onehot, (0, 1)).all(axis=1))
   if len(bad):
-    raise DataError(f'{csv_path}: line {bad[0] + 2} ({rows[bad[0]]["image"]}) must have exactly '
+    raise DataError(f'{csv_path}: line {lines[bad[0]]} ({rows[bad[0]]["image"]}) must have exactly '
                     f'one class set to 1 ({len(bad)} such row(s)).')
   _check_unique([row['image'] for row in rows], csv_path, 'image id(s)')
   paths = []

@@ -9,8 +9,10 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import math
 import pathlib
 import struct
+import zlib
 
 import numpy as np
 
@@ -38,6 +40,8 @@ MEDMNIST_MD5 = {
                     '61b955355d7425a89687b06cca3ce0c2', 'b077128c4a949f0a4eb01517f9037b9c'),
 }
 MEDMNIST_SIZES = (28, 64, 128, 224)
+# Without a class list, a label above this is a corrupt label, not a class (ImageNet-21k: 21,841).
+MAX_CLASSES = 100_000
 
 
 def _require(path: str, field: str, what: str) -> pathlib.Path:
@@ -52,20 +56,36 @@ def _require(path: str, field: str, what: str) -> pathlib.Path:
 def _sidecar_class_names(path: pathlib.Path) -> list[str] | None:
   """Class names from `<file>.json` ('classes') or `classes.txt` beside the data."""
   sidecar = path.with_suffix('.json') if path.is_file() else path / 'classes.json'
-  if sidecar.is_file():
-    payload = json.loads(sidecar.read_text())
+  text = (path.parent if path.is_file() else path) / 'classes.txt'
+  for candidate in (sidecar, text):
+    if not candidate.is_file():
+      continue
+    try:
+      content = candidate.read_text(encoding='utf-8')
+      if candidate is text:
+        return [line.strip() for line in content.splitlines() if line.strip()]
+      payload = json.loads(content)
+    except (OSError, ValueError) as error:  # JSONDecodeError, UnicodeDecodeError
+      raise DataError(f'{candidate}: cannot read the class list ({error}).') from None
+    if not isinstance(payload, dict):
+      raise DataError(f'{candidate}: expected a JSON object {{"classes": [...]}}, got '
+                      f'{type(payload).__name__}.')
     if isinstance(payload.get('classes'), list):
       return [str(name) for name in payload['classes']]
-  text = (path.parent if path.is_file() else path) / 'classes.txt'
-  if text.is_file():
-    return [line.strip() for line in text.read_text().splitlines() if line.strip()]
   return None
 
 
 def _class_names(path: pathlib.Path, labels: list[np.ndarray]) -> tuple[str, ...]:
-  highest = max(int(l.max()) for l in labels if len(l)) + 1
+  filled = [l for l in labels if len(l)]
+  if not filled:
+    raise DataError(f'{path}: no labels in any part: the data set is empty.')
+  highest = max(int(l.max()) for l in filled) + 1
   names = _sidecar_class_names(path)
   if names is None:
+    if highest > MAX_CLASSES:
+      raise DataError(f'{path}: labels go up to {highest - 1}, i.e. {highest} classes without a '
+                      'class list: fix the labels or add the class list (<file>.json with '
+                      '"classes", or classes.txt).')
     return tuple(str(c) for c in range(highest))
   if len(names) < highest:
     raise DataError(f'{path}: labels go up to {highest - 1} but the class-name metadata lists '
@@ -96,6 +116,8 @@ def _as_labels(labels: np.ndarray, count: int, where: str) -> np.ndarray:
     raise DataError(f'{where}: labels must be integers, got {labels.dtype}.')
   if len(labels) and labels.min() < 0:
     raise DataError(f'{where}: negative label {labels.min()}; labels must be 0..C-1.')
+  if len(labels) and labels.max() > np.iinfo(np.int32).max:
+    raise DataError(f'{where}: label {labels.max()} is beyond int32; labels must be 0..C-1.')
   return labels.astype(np.int32)
 
 
@@ -147,19 +169,37 @@ def medmnist(config) -> Source:
     archive = np.load(path, allow_pickle=False)
   except Exception as error:  # zip, pickle and value errors all mean: not a usable npz
     raise DataError(f'{path}: not a readable .npz file ({error}).') from None
+  if not isinstance(archive, np.lib.npyio.NpzFile):
+    raise DataError(f'{path}: a single .npy array, not an .npz archive of train_/val_/test_ '
+                    'images and labels.')
+
+  def entry(key):
+    try:
+      return archive[key]
+    except Exception as error:  # bad CRC, truncated member, object (pickled) array, ...
+      raise DataError(f'{path}: entry {key} cannot be read ({type(error).__name__}: {error}); '
+                      'the file is damaged or was not written by numpy.savez.') from None
+
   with archive:
     keys = set(archive.files)
+    # A damaged central directory can merge entries into one key holding binary bytes
+    # (the zip signature PK\x01\x02): parts would vanish silently, so refuse it.
+    damaged = sorted(k for k in keys if not k.isprintable())
+    if damaged:
+      raise DataError(f'{path}: damaged archive: entry names {[k[:40] for k in damaged]} hold '
+                      'binary data (a corrupt zip directory). Download or write the file again.')
     parts = [p for p in ('train', 'val', 'test') if f'{p}_images' in keys]
-    missing = [k for p in ('train',) + tuple(parts) for k in (f'{p}_images', f'{p}_labels')
-               if k not in keys]
+    # Labels of a part without images would silently vanish: report the images as missing.
+    missing = [k for p in ('train', 'val', 'test') for k in (f'{p}_images', f'{p}_labels')
+               if k not in keys and (p == 'train' or p in parts or f'{p}_labels' in keys)]
     if 'train' not in parts or missing:
       raise DataError(f'{path}: missing key(s) {sorted(set(missing) or {"train_images"})}; a '
                       f'MedMNIST file has train_/val_/test_ images and labels (found '
                       f'{sorted(keys)}).')
     splits = {}
     for part in parts:
-      images = _as_nhwc(archive[f'{part}_images'], f'{path}[{part}_images]')
-      labels = _as_labels(archive[f'{part}_labels'], len(images), f'{path}[{part}_labels]')
+      images = _as_nhwc(entry(f'{part}_images'), f'{path}[{part}_images]')
+      labels = _as_labels(entry(f'{part}_labels'), len(images), f'{path}[{part}_labels]')
       splits[part] = Split(images, labels)
   class_names = _class_names(path, [s.labels for s in splits.values()])
   note = medmnist_md5_note(path)
@@ -171,7 +211,7 @@ def _read_idx(path: pathlib.Path) -> np.ndarray:
   try:
     with opener(path, 'rb') as handle:
       raw = handle.read()
-  except (OSError, EOFError) as error:
+  except (OSError, EOFError, zlib.error) as error:
     raise DataError(f'{path}: cannot read ({error}).') from None
   if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
     raise DataError(f'{path}: not an unsigned-byte IDX file (bad magic number).')
@@ -180,7 +220,7 @@ def _read_idx(path: pathlib.Path) -> np.ndarray:
   if len(raw) < header:
     raise DataError(f'{path}: truncated IDX header.')
   shape = struct.unpack(f'>{ndim}I', raw[4:header])
-  expected = int(np.prod(shape))
+  expected = math.prod(shape)  # exact: np.prod wraps at 2**64
   if len(raw) - header != expected:
     raise DataError(f'{path}: header says shape {shape} ({expected} bytes) but the file holds '
                     f'{len(raw) - header} bytes: truncated or corrupt.')
@@ -201,10 +241,11 @@ def idx(config) -> Source:
   directory = _require(config.data_path, 'data_path', 'a folder with MNIST-layout IDX files')
   parts = {}
   for part, prefix in (('train', 'train'), ('test', 't10k')):
-    images = _read_idx(_idx_file(directory, f'{prefix}-images-idx3-ubyte'))
+    images_path = _idx_file(directory, f'{prefix}-images-idx3-ubyte')
+    images = _as_nhwc(_read_idx(images_path), str(images_path))
     labels_path = _idx_file(directory, f'{prefix}-labels-idx1-ubyte')
     labels = _as_labels(_read_idx(labels_path), len(images), str(labels_path))
-    parts[part] = Split(_as_nhwc(images, str(directory)), labels)
+    parts[part] = Split(images, labels)
   class_names = _class_names(directory, [s.labels for s in parts.values()])
   return Source(directory.name, class_names, parts, balanced=True)
 
