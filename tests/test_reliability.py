@@ -17,8 +17,8 @@ from test_configuration import load_config
 from test_end_to_end import read_jsonl
 from imbal_jax import train, workdir
 
-# 477 digits / 32 = 15 steps per epoch, 6 epochs: long enough to interrupt.
-ARGS = ['--config.width=4', '--config.num_epochs=6', '--config.warmup_epochs=1',
+# 477 digits / 32 = 15 steps per epoch, 4 epochs: long enough to interrupt.
+ARGS = ['--config.width=4', '--config.num_epochs=4', '--config.warmup_epochs=1',
         '--config.batch_size=32', '--config.eval_batch_size=64', '--config.log_every_steps=5']
 STEPS_PER_EPOCH = 15
 
