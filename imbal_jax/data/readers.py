@@ -315,6 +315,10 @@ def tfds_source(config) -> Source:
       images = _as_nhwc(np.stack([np.asarray(r['image']) for r in records]), f'{name}:{part}')
       labels = _as_labels(np.asarray([r['label'] for r in records]), len(images), f'{name}:{part}')
       parts['val' if part == 'validation' else part] = Split(images, labels)
+    if not info.splits:
+      raise DataError(f'tfds data set {name!r} is not prepared in config.data_dir='
+                      f'{config.data_dir!r}; build it first, e.g. `tfds build {name} '
+                      '--file_format=array_record`.')
     if 'train' not in parts:
       raise DataError(f'tfds data set {name!r} has no train split (splits: '
                       f'{sorted(info.splits)}).')
