@@ -29,26 +29,21 @@ def main(argv):
     # Checkpointing logs several INFO lines per save; keep the terminal for the progress bar.
     logging.set_verbosity(logging.WARNING)
 
+  # Expected failures: one line naming the problem and the fix, no traceback.
+  expected = (
+      (configuration.ConfigError, 'config error: ', 2),
+      (DataError, 'data error: ', 2),
+      (workdir.WorkdirError, 'workdir error: ', 2),
+      (checkpoint.CheckpointError, 'checkpoint error: ', 2),
+      (workdir.Preempted, '', workdir.PREEMPTED_EXIT_CODE),
+      (FloatingPointError, 'training stopped: ', 3),
+  )
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir, force=FLAGS.force)
-  except configuration.ConfigError as error:
-    print(f'imbal_jax: config error: {error}', file=sys.stderr)
-    sys.exit(2)
-  except DataError as error:
-    print(f'imbal_jax: data error: {error}', file=sys.stderr)
-    sys.exit(2)
-  except workdir.WorkdirError as error:
-    print(f'imbal_jax: workdir error: {error}', file=sys.stderr)
-    sys.exit(2)
-  except workdir.Preempted as stop:
-    print(f'imbal_jax: {stop}', file=sys.stderr)
-    sys.exit(workdir.PREEMPTED_EXIT_CODE)
-  except checkpoint.CheckpointError as error:
-    print(f'imbal_jax: checkpoint error: {error}', file=sys.stderr)
-    sys.exit(2)
-  except FloatingPointError as error:
-    print(f'imbal_jax: training stopped: {error}', file=sys.stderr)
-    sys.exit(3)
+  except tuple(kind for kind, _, _ in expected) as error:
+    _, label, code = next(entry for entry in expected if isinstance(error, entry[0]))
+    print(f'imbal_jax: {label}{error}', file=sys.stderr)
+    sys.exit(code)
 
 
 def parse_flags(argv):
