@@ -50,6 +50,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.val_fraction = 0.1
   config.test_fraction = 0.2
   config.sampler = 'instance'
+  # True: half of each batch from the sampler, each followed by another image of its
+  # class, so every anchor of the metric loss has a positive (batch_size must be even).
+  config.batch_pairs = False
   config.augment = 'crop'
   config.crop_padding = 1
   config.data_workers = 0  # grain worker processes; 0 reads in the training process
@@ -57,6 +60,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.model = 'resnet32'
   config.width = 16
   config.projection_dim = 128
+  # 'bfloat16': convolutions and matmuls in bfloat16; parameters, statistics and losses float32.
+  config.dtype = 'float32'
   # Loss: classification loss + contrastive_weight * metric loss (imbal_jax/objectives.py).
   config.loss = 'ce'  # ce | focal | cb | ldam_drw | logit_adjusted | balanced_softmax
   config.focal_gamma = 2.0  # Lin et al. (2017)
@@ -69,12 +74,17 @@ def base_config() -> ml_collections.ConfigDict:
   config.logit_adjust_tau = 1.0  # Menon et al. (2021)
   config.metric_loss = 'supcon'  # supcon | balanced_supcon | triplet | class_center
   config.contrastive_weight = 0.5
+  # False: the encoder learns from the metric loss alone; the classifier is trained on
+  # detached features (a linear probe), as in SupCon-only pre-training.
+  config.classification_trains_encoder = True
   config.temperature = 0.1
   config.margin = 0.2  # triplet and class-centre losses, on unit-length embeddings
   config.center_momentum = 0.9
   config.num_views = 1  # 2: two augmented views of each image
   # Optimisation. batch_size is the GLOBAL batch over all devices and hosts.
   config.batch_size = 64
+  # > 1: run each batch in this many micro-batches (less memory; batch norm per micro-batch).
+  config.grad_accum_steps = 1
   config.num_epochs = 30
   config.learning_rate = 0.05
   config.warmup_epochs = 2

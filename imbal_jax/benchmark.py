@@ -148,11 +148,9 @@ def build_step(stage: str, config, shape: tuple[int, int, int], num_classes: int
   """(jitted step, its arguments): train.py's step for `stage` and a random global batch."""
   if stage not in STAGES:
     raise BenchmarkError(f'stage {stage!r} is not one of {STAGES}.')
-  encoder = make_encoder(config.model, config.width, shape[0])
-  if dtype != 'float32':
-    encoder = encoder.clone(dtype=jnp.dtype(dtype))
+  encoder = make_encoder(config.model, config.width, shape[0], dtype)
   model = Stage1Net(encoder=encoder, num_classes=num_classes,
-                    projection_dim=config.projection_dim)
+                    projection_dim=config.projection_dim, dtype=jnp.dtype(dtype))
   tx, learning_rate_fn = stages.make_optimizer(config, _NOMINAL_STEPS_PER_EPOCH)
   channels = shape[-1]
   data_info = {'pixel_mean': [_PIXEL_MEAN] * channels, 'pixel_std': [_PIXEL_STD] * channels,
@@ -306,7 +304,7 @@ def define_flags():
   flags.DEFINE_integer('image_size', None, "Image height = width; default the preset's.")
   flags.DEFINE_integer('num_classes', 10, 'Classes of the random labels.')
   flags.DEFINE_enum('dtype', None, list(DTYPES),
-                    'Encoder compute dtype; default config.dtype if set, else float32.')
+                    'Compute dtype of convolutions and dense layers; default config.dtype.')
   flags.mark_flags_as_required(['config'])
 
 

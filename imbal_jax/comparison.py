@@ -4,9 +4,10 @@ is the command line over `compare`.
 
 A method is a set of runs whose configs differ only in the seed (and in
 fields that cannot change the result, such as how often to log). Its default
-name is the stage and the contrastive weight lambda; a stage-2 (cRT) run takes
-lambda from the stage-1 run it was initialised from, since its own config
-does not train a contrastive loss.
+name is the stage and the contrastive weight lambda, and for stage 2 its
+classifier (e.g. 'stage2 (tau-norm) lambda=0.5'); a stage-2 run takes lambda
+from the stage-1 run it was initialised from, since its own config does not
+train a contrastive loss.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from imbal_jax import atomic, plots, reporting
 NOT_METHOD_FIELDS = frozenset({'seed', 'init_from', 'log_every_steps', 'checkpoint_every_epochs',
                                'eval_batch_size', 'data_workers'})
 STAGE1_PREFIX = 'stage1.'
+STAGE2_METHOD_NAMES = {'crt': 'cRT', 'lws': 'LWS', 'tau_norm': 'tau-norm',
+                       'posthoc_la': 'post-hoc LA', 'ncm': 'NCM'}
 # Test-split metrics, as (key, column title); all are fractions in [0, 1].
 TABLE_METRICS = (('accuracy', 'accuracy'), ('balanced_accuracy', 'balanced accuracy'),
                  ('macro_f1', 'macro-F1'), ('tail_accuracy', 'tail accuracy'), ('ece', 'ECE'))
@@ -152,13 +155,17 @@ def _format_value(value: Any) -> str:
 
 
 def method_name(settings: dict[str, Any]) -> str:
-  """'stage1 lambda=0.5', 'stage2 (cRT) lambda=0.5' (lambda of its stage-1 run)."""
+  """'stage1 lambda=0.5', 'stage2 (cRT) lambda=0.5' (stage-2 classifier, lambda of its
+  stage-1 run)."""
   stage = settings.get('stage')
   if stage == 'stage1':
     return f"stage1 lambda={_format_value(settings['contrastive_weight'])}"
   if stage == 'stage2':
     weight = settings.get(STAGE1_PREFIX + 'contrastive_weight')
-    return f"stage2 (cRT) lambda={'?' if weight is None else _format_value(weight)}"
+    # Runs from before config.stage2_method existed are cRT.
+    method = settings.get('stage2_method', 'crt')
+    return (f"stage2 ({STAGE2_METHOD_NAMES.get(method, method)}) "
+            f"lambda={'?' if weight is None else _format_value(weight)}")
   return str(stage)
 
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 import json
 import pathlib
 
+import jax
 import ml_collections
 
-from imbal_jax import objectives
+from imbal_jax import classifiers, objectives
 from imbal_jax.data import augment, readers, samplers
 from imbal_jax.models import resnet
 
@@ -91,6 +92,8 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check_choice(config, 'loss', objectives.CLASSIFICATION_LOSSES)
   _check_choice(config, 'metric_loss', objectives.METRIC_LOSSES)
   _check_choice(config, 'num_views', (1, 2))
+  # The compute dtype of convolutions and matmuls; each stage chooses its own.
+  _check_choice(config, 'dtype', ('float32', 'bfloat16'))
   if not 0 <= config.cb_beta < 1:
     raise ConfigError(f'config.cb_beta={config.cb_beta} must be in [0, 1).')
   for field in ('margin', 'focal_gamma', 'ldam_max_margin', 'ldam_scale', 'logit_adjust_tau'):
@@ -108,6 +111,25 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for field in ('contrastive_weight', 'weight_decay', 'momentum', 'warmup_epochs',
                 'crop_padding', 'width', 'image_size', 'data_workers'):
     _check_positive(config, field, allow_zero=True)
+  if config.batch_pairs and config.batch_size % 2:
+    raise ConfigError(f'config.batch_pairs=True pairs images of one class, so config.batch_size '
+                      f'must be even; got {config.batch_size}: use {config.batch_size + 1}.')
+  accum = config.grad_accum_steps
+  if accum < 1:
+    raise ConfigError(f'config.grad_accum_steps={accum} must be >= 1 (1: no accumulation).')
+  if accum > 1 and config.stage != 'stage1':
+    raise ConfigError(f'config.grad_accum_steps={accum}: gradient accumulation is for stage 1 '
+                      '(stage 2 trains only a linear head); set it to 1.')
+  # Every micro-batch is split over all devices, as the batch is.
+  if accum > 1 and config.batch_size % (accum * jax.device_count()):
+    per_step = accum * jax.device_count()
+    raise ConfigError(
+        f'config.batch_size={config.batch_size} must be divisible by config.grad_accum_steps='
+        f'{accum} times the {jax.device_count()} devices ({per_step}); change either, e.g. '
+        f'config.batch_size={max(per_step, config.batch_size - config.batch_size % per_step)}.')
+  if not config.classification_trains_encoder and config.contrastive_weight == 0:
+    raise ConfigError('config.classification_trains_encoder=False leaves the encoder to the '
+                      'metric loss, but config.contrastive_weight=0: set a positive weight.')
   groups = config.frequency_groups
   if groups not in ('terciles', 'oltr') and not _is_threshold_pair(groups):
     raise ConfigError(f"config.frequency_groups={groups!r}: use 'terciles', 'oltr' or two "
@@ -122,4 +144,17 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if config.warmup_epochs >= config.num_epochs and config.warmup_epochs > 0:
     raise ConfigError(f'config.warmup_epochs={config.warmup_epochs} must be smaller than '
                       f'config.num_epochs={config.num_epochs}.')
+  if config.stage == 'stage2':
+    _check_choice(config, 'stage2_method', classifiers.METHODS)
+    _check_positive(config, 'tau_grid_max', allow_zero=True)
+    _check_positive(config, 'tau_grid_step')
+    _check_positive(config, 'feature_views')
+    if config.feature_views > 1 and not config.cache_features:
+      raise ConfigError(f'config.feature_views={config.feature_views} sets how many views of '
+                        'each training image are cached; set config.cache_features=True too, '
+                        'or feature_views=1.')
+    if config.feature_views > 1 and not augment.parse(config.augment):
+      raise ConfigError(f'config.feature_views={config.feature_views} with config.augment='
+                        f"{config.augment!r} would cache identical views; name augmentations "
+                        "(e.g. --config.augment=crop+flip) or set feature_views=1.")
   return config

@@ -2,6 +2,9 @@
 
 Stage 2: --config=configs/stage2.py --workdir=DIR2 --config.init_from=DIR.
 Rerunning a command resumes from the latest checkpoint in its workdir.
+Several hosts: the same command in every process, which join before training
+(imbal_jax/distributed.py: --coordinator_address, --num_processes, --process_id,
+or detected under SLURM, Open MPI and on Cloud TPU).
 """
 
 import re
@@ -14,6 +17,13 @@ flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the
 config_flags.DEFINE_config_file('config', None, 'A config file, e.g. configs/stage1.py[:preset].',
                                 lock_config=True)
 flags.DEFINE_bool('force', False, 'Continue a workdir whose saved config differs from --config.')
+flags.DEFINE_string('coordinator_address', None,
+                    'Multi-process runs: HOST:PORT of process 0, the same on every process. '
+                    'Left out, it is detected on Cloud TPU, SLURM and Open MPI.')
+flags.DEFINE_integer('num_processes', None,
+                     'Multi-process runs: how many processes (usually one per host). '
+                     '1 forces a single-process run inside a multi-task launcher.')
+flags.DEFINE_integer('process_id', None, 'Multi-process runs: this process, 0..num_processes-1.')
 flags.mark_flags_as_required(['config', 'workdir'])
 FLAGS = flags.FLAGS
 
@@ -22,7 +32,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   # Imported here so that --help and flag errors come back before JAX starts.
-  from imbal_jax import checkpoint, configuration, train, workdir
+  from imbal_jax import checkpoint, configuration, distributed, train, workdir
   from imbal_jax.data.sources import DataError
 
   if not FLAGS['verbosity'].present:
@@ -31,6 +41,7 @@ def main(argv):
 
   # Expected failures: one line naming the problem and the fix, no traceback.
   expected = (
+      (distributed.LaunchError, 'launch error: ', 2),
       (configuration.ConfigError, 'config error: ', 2),
       (DataError, 'data error: ', 2),
       (workdir.WorkdirError, 'workdir error: ', 2),
@@ -39,6 +50,8 @@ def main(argv):
       (FloatingPointError, 'training stopped: ', 3),
   )
   try:
+    # Several processes join before anything starts JAX's backends.
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir, force=FLAGS.force)
   except tuple(kind for kind, _, _ in expected) as error:
     _, label, code = next(entry for entry in expected if isinstance(error, entry[0]))

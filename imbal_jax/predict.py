@@ -38,10 +38,10 @@ from absl import app, flags, logging
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from imbal_jax import atomic, checkpoint, sharding, steps
+from imbal_jax import atomic, checkpoint, classifiers, sharding, steps
 from imbal_jax.data.inference_inputs import Inputs, PredictError, read_inputs
 from imbal_jax.data.sources import DataError
-from imbal_jax.models import LinearHead, Stage1Net, make_encoder
+from imbal_jax.models import Stage1Net, make_encoder
 
 FLAGS = flags.FLAGS
 
@@ -116,22 +116,29 @@ def _build_model(run_dir: pathlib.Path, config: dict, data: dict, mesh: Mesh | N
   mesh = mesh or sharding.make_mesh()
   class_names = tuple(data['class_names'])
   image_shape = tuple(data['image_shape'])
-  encoder = make_encoder(config['model'], config['width'], image_shape[0])
+  # The run's compute dtype (runs from before config.dtype existed are float32).
+  dtype = config.get('dtype', 'float32')
+  encoder = make_encoder(config['model'], config['width'], image_shape[0], dtype)
   dummy = jnp.zeros((1,) + image_shape, jnp.float32)
   if config.get('stage') == 'stage1':
     network = Stage1Net(encoder=encoder, num_classes=len(class_names),
-                        projection_dim=config['projection_dim'])
+                        projection_dim=config['projection_dim'], dtype=jnp.dtype(dtype))
     init = lambda: network.init(jax.random.key(0), dummy, train=False)
     logits_fn = functools.partial(steps.stage1_logits, model=network)
   elif config.get('stage') == 'stage2':
-    head = LinearHead(len(class_names))
+    # Runs from before config.stage2_method existed are cRT.
+    method = config.get('stage2_method', 'crt')
+    if method not in classifiers.METHODS:
+      raise PredictError(f'{run_dir / "config.json"}: unknown stage2_method {method!r}; this '
+                         f'version predicts with {", ".join(classifiers.METHODS)}.')
+    trunk, head = classifiers.modules(method, encoder, len(class_names))
 
     def init():
-      encoder_variables = encoder.init(jax.random.key(0), dummy, train=False)
-      features = encoder.apply(encoder_variables, dummy, train=False)
-      return {'encoder': encoder_variables, 'head': head.init(jax.random.key(0), features)}
+      trunk_variables = trunk.init(jax.random.key(0), dummy, train=False)
+      features = trunk.apply(trunk_variables, dummy, train=False)
+      return {'encoder': trunk_variables, 'head': head.init(jax.random.key(0), features)}
 
-    logits_fn = functools.partial(steps.stage2_logits, encoder=encoder, head=head)
+    logits_fn = functools.partial(steps.stage2_logits, encoder=trunk, head=head)
   else:
     raise PredictError(f'{run_dir / "config.json"}: unknown stage {config.get("stage")!r}.')
   replicated = sharding.replicated(mesh)

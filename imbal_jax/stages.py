@@ -3,8 +3,10 @@ evaluation variables and logits function.
 
 Stage 1: encoder + classifier + projection head, trained with the objective of
 objectives.py. Stage 2: the stage-1 encoder selected on validation, frozen,
-under a freshly initialised linear head (classifier re-training, Kang et al.
-2020).
+under the classifier `config.stage2_method` names (classifiers.py): trained
+by the loop (cRT, LWS; on images or on cached features, feature_cache.py) or
+computed in closed form with no training steps (tau-norm, NCM, post-hoc logit
+adjustment).
 """
 
 from __future__ import annotations
@@ -15,22 +17,31 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from imbal_jax import checkpoint, configuration, objectives, sharding, steps
+from imbal_jax import (checkpoint, classifiers, configuration, feature_cache, objectives,
+                       sharding, steps)
 from imbal_jax.data import sources
-from imbal_jax.models import LinearHead, Stage1Net, encoder_variables, make_encoder
+from imbal_jax.models import Stage1Net, make_encoder
 
 
 @dataclasses.dataclass
 class Stage:
   """What differs between the stages; the loop is shared."""
 
-  state: steps.TrainState
-  train_step: Callable  # (state, global batch, rng) -> (state, measurements)
+  state: steps.TrainState | None  # None until `fit` for a closed-form classifier
+  train_step: Callable | None  # (state, global batch, rng) -> (state, measurements)
   eval_variables: Callable  # state -> the variables `logits_fn` reads
   logits_fn: Callable
   extra_report: dict[str, Any]
+  # A closed-form classifier: fit(score_fn) -> (state at step 0, its validation score),
+  # where score_fn maps validation probabilities to the selection metric. The loop
+  # then runs no training steps; what fit chose is recorded in extra_report.
+  fit: Callable | None = None
+  # Maps the loop's pipeline.TrainBatches to what its data iterator reads instead
+  # (cached features); None: the images.
+  batch_source: Callable | None = None
 
 
 def _weight_decay_mask(params):
@@ -78,6 +89,8 @@ def stage1_step_fn(config, model, data_info, steps_per_epoch: int, learning_rate
   return functools.partial(
       steps.stage1_step, model=model, contrastive_weight=config.contrastive_weight,
       learning_rate_fn=learning_rate_fn, num_views=config.num_views,
+      # Optional, so that a config built by hand with only the loss fields still works.
+      grad_accum_steps=config.get('grad_accum_steps', 1),
       classification_loss=objectives.classification_loss(
           config, data_info['counts']['train'], steps_per_epoch),
       metric_loss=objectives.metric_loss(config),
@@ -85,9 +98,10 @@ def stage1_step_fn(config, model, data_info, steps_per_epoch: int, learning_rate
 
 
 def build_stage1(config, dataset: sources.Dataset, data_info, mesh, steps_per_epoch) -> Stage:
-  encoder = make_encoder(config.model, config.width, dataset.image_shape[0])
+  encoder = make_encoder(config.model, config.width, dataset.image_shape[0], config.dtype)
   model = Stage1Net(encoder=encoder, num_classes=dataset.num_classes,
-                    projection_dim=config.projection_dim)
+                    probe_classifier=not config.classification_trains_encoder,
+                    projection_dim=config.projection_dim, dtype=jnp.dtype(config.dtype))
   tx, learning_rate_fn = make_optimizer(config, steps_per_epoch)
 
   def init(rng):
@@ -107,33 +121,84 @@ def build_stage1(config, dataset: sources.Dataset, data_info, mesh, steps_per_ep
 
 def build_stage2(config, dataset: sources.Dataset, data_info, mesh, steps_per_epoch) -> Stage:
   stage1_dir, stage1_config = configuration.stage1_run(config.init_from)
-  encoder = make_encoder(config.model, config.width, dataset.image_shape[0])
+  encoder = make_encoder(config.model, config.width, dataset.image_shape[0], config.dtype)
   stage1_model = Stage1Net(encoder=encoder, num_classes=dataset.num_classes,
                            projection_dim=config.projection_dim)
   dummy = jnp.zeros((1,) + dataset.image_shape, jnp.float32)
   stage1_like = jax.jit(lambda: stage1_model.init(jax.random.key(0), dummy, train=False),
                         out_shardings=sharding.replicated(mesh))()
   stage1_variables, stage1_info = checkpoint.restore_best(stage1_dir, stage1_like)
-  frozen = encoder_variables(stage1_variables['params'], stage1_variables['batch_stats'])
 
-  head = LinearHead(dataset.num_classes)
+  method = config.stage2_method
+  trunk, head = classifiers.modules(method, encoder, dataset.num_classes)
+  frozen = classifiers.trunk_variables(method, stage1_variables)
+  features = functools.partial(
+      feature_cache.compute_features,
+      feature_cache.trunk_fn(trunk, mesh, **preprocess_kwargs(config, data_info)), frozen,
+      batch_size=config.eval_batch_size, mesh=mesh, seed=config.seed)
+  common = dict(
+      eval_variables=lambda s: {'encoder': frozen, 'head': {'params': s.params}},
+      logits_fn=functools.partial(steps.stage2_logits, encoder=trunk, head=head),
+      extra_report={'init_from': str(stage1_dir),
+                    'stage1_selected_step': stage1_info['step'],
+                    'stage1_config': stage1_config,
+                    'stage2': {'method': method}})
+  if method not in classifiers.TRAINED_METHODS:
+    fit = closed_form_fit(config, method, stage1_variables['params']['classifier']['dense'],
+                          features, dataset, data_info, mesh, common['extra_report']['stage2'])
+    return Stage(state=None, train_step=None, fit=fit, **common)
+
   tx, learning_rate_fn = make_optimizer(config, steps_per_epoch)
 
   def init(rng):
-    features = encoder.apply(frozen, dummy, train=False)
-    params = head.init(rng, features)['params']
+    params = head.init(rng, trunk.apply(frozen, dummy, train=False))['params']
     return steps.TrainState.create(apply_fn=head.apply, params=params, batch_stats={}, tx=tx)
 
   state = jax.jit(init, out_shardings=sharding.replicated(mesh))(jax.random.key(config.seed))
-  step_fn = functools.partial(steps.stage2_step, encoder=encoder, head=head,
+  if config.cache_features:
+    table = features(dataset.splits['train'], views=config.feature_views)
+    step_fn = functools.partial(feature_cache.head_step, head=head,
+                                learning_rate_fn=learning_rate_fn)
+    return Stage(state=state, train_step=jit_train_step(step_fn, mesh),
+                 batch_source=lambda batches: feature_cache.FeatureBatches(
+                     batches, table, config.seed), **common)
+  step_fn = functools.partial(steps.stage2_step, encoder=trunk, head=head,
                               learning_rate_fn=learning_rate_fn,
                               **preprocess_kwargs(config, data_info))
   jitted = jit_train_step(step_fn, mesh, num_extra_args=1)
-  return Stage(
-      state=state,
-      train_step=lambda s, batch, rng: jitted(s, batch, rng, frozen),
-      eval_variables=lambda s: {'encoder': frozen, 'head': {'params': s.params}},
-      logits_fn=functools.partial(steps.stage2_logits, encoder=encoder, head=head),
-      extra_report={'init_from': str(stage1_dir),
-                    'stage1_selected_step': stage1_info['step'],
-                    'stage1_config': stage1_config})
+  return Stage(state=state, train_step=lambda s, batch, rng: jitted(s, batch, rng, frozen),
+               **common)
+
+
+def closed_form_fit(config, method: str, stage1_classifier, features: Callable,
+                    dataset: sources.Dataset, data_info, mesh, record: dict) -> Callable:
+  """Stage.fit for tau_norm, posthoc_la and ncm (classifiers.py).
+
+  `stage1_classifier` is the stage-1 {'kernel', 'bias'}; `features(split)` the
+  trunk's [1, examples, dim] outputs for a split; the chosen tau (or NCM's
+  scale) and the validation scores go into `record`.
+  """
+  def fit(score_fn):
+    val_features = features(dataset.splits['val'])[0]
+    if method == 'ncm':
+      train = dataset.splits['train']
+      means = classifiers.class_means(features(train)[0], train.labels, dataset.num_classes)
+      params = {'class_means': means.astype(np.float32)}
+      score = float(score_fn(classifiers.ncm_probabilities(val_features, means)))
+      record['scale'] = classifiers.NCM_SCALE
+    else:
+      kernel, bias = np.asarray(stage1_classifier['kernel']), np.asarray(stage1_classifier['bias'])
+      if method == 'tau_norm':
+        linear = lambda tau: classifiers.tau_normalized(kernel, bias, tau)
+      else:
+        linear = lambda tau: classifiers.logit_adjusted(kernel, bias,
+                                                        data_info['counts']['train'], tau)
+      grid = classifiers.tau_grid(config.tau_grid_max, config.tau_grid_step)
+      tau, scores = classifiers.choose_tau(linear, val_features, score_fn, grid)
+      params, score = classifiers.linear_params(*linear(tau)), scores[tau]
+      record.update(tau=tau, val_scores={f'{t:g}': s for t, s in scores.items()})
+    state = steps.TrainState.create(apply_fn=None, params=sharding.put_replicated(params, mesh),
+                                    batch_stats={}, tx=optax.set_to_zero())
+    return state, score
+
+  return fit

@@ -9,6 +9,7 @@ global batch (the compiler inserts the all-gathers and reductions).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -67,16 +68,17 @@ def preprocess(images, rng, *, pixel_mean, pixel_std, augment: str, crop_padding
   return augment_lib.normalize(x, pixel_mean, pixel_std)
 
 
-def stage1_loss(params, batch_stats, images, labels, step=0, centers=None, *, model: nn.Module,
-                contrastive_weight: float, temperature: float = 0.1,
-                classification_loss: Callable | None = None, metric_loss: Callable | None = None):
-  """classification loss + contrastive_weight * metric loss over the (global) batch.
+def stage1_objective(logits, embeddings, labels, step=0, centers=None, *,
+                     contrastive_weight: float, temperature: float = 0.1,
+                     classification_loss: Callable | None = None,
+                     metric_loss: Callable | None = None):
+  """classification loss + contrastive_weight * metric loss of the whole (global) batch.
 
-  Defaults: cross-entropy and supervised contrastive with `temperature`.
+  Defaults: cross-entropy and supervised contrastive with `temperature`. Always
+  float32, whatever the model computed in. Returns (loss, aux) with the two
+  terms and the metric loss's new class centres.
   """
-  (logits, embeddings), updates = model.apply(
-      {'params': params, 'batch_stats': batch_stats}, images, train=True,
-      mutable=['batch_stats'])
+  logits, embeddings = logits.astype(jnp.float32), embeddings.astype(jnp.float32)
   if classification_loss is None:
     ce = losses.softmax_cross_entropy(logits, labels)
   else:
@@ -86,21 +88,102 @@ def stage1_loss(params, batch_stats, images, labels, step=0, centers=None, *, mo
   else:
     contrastive, new_centers = metric_loss(embeddings, labels, centers)
   loss = ce + contrastive_weight * contrastive
-  aux = {'ce': ce, 'contrastive': contrastive, 'logits': logits,
-         'batch_stats': updates['batch_stats'], 'centers': new_centers}
-  return loss, aux
+  return loss, {'ce': ce, 'contrastive': contrastive, 'centers': new_centers}
+
+
+def stage1_loss(params, batch_stats, images, labels, step=0, centers=None, *, model: nn.Module,
+                **objective_kwargs):
+  """`stage1_objective` of the model's outputs on `images` (batch norm in training mode)."""
+  (logits, embeddings), updates = model.apply(
+      {'params': params, 'batch_stats': batch_stats}, images, train=True,
+      mutable=['batch_stats'])
+  loss, aux = stage1_objective(logits, embeddings, labels, step, centers, **objective_kwargs)
+  return loss, {**aux, 'logits': logits, 'batch_stats': updates['batch_stats']}
+
+
+def _split(x, parts: int):
+  """[n, ...] -> [parts, n // parts, ...]; micro-batch j holds rows j, j + parts, j + 2 parts...
+
+  Strided rather than contiguous: each device's contiguous shard of the global
+  batch then holds an equal slice of every micro-batch, so every micro-batch
+  still spans all devices.
+  """
+  return x.reshape((x.shape[0] // parts, parts) + x.shape[1:]).swapaxes(0, 1)
+
+
+def _merge(x):
+  """The inverse of `_split`: rows back in their original order."""
+  return x.swapaxes(0, 1).reshape((-1,) + x.shape[2:])
+
+
+def cached_stage1_gradients(params, batch_stats, images, labels, step, centers, *,
+                            model: nn.Module, grad_accum_steps: int, **objective_kwargs):
+  """`stage1_loss` and its parameter gradients, `grad_accum_steps` micro-batches at a time.
+
+  The gradient cache of Gao et al. (2021), "Scaling Deep Contrastive Learning
+  Batch Size under Limited Memory": the metric loss couples every pair of the
+  batch, so averaging per-micro-batch losses would change the objective.
+  Instead: (1) run each micro-batch forward, keeping only its logits and
+  embeddings; (2) take the full-batch objective and its gradient with respect
+  to those outputs; (3) run each micro-batch forward again and pull that
+  gradient back to the parameters (a VJP), summing over micro-batches. Peak
+  activation memory is one micro-batch's; the price is a second forward pass.
+
+  The result equals the full-batch one except for batch norm, which normalises
+  each micro-batch with its own statistics ("ghost" batch norm). The running
+  statistics take one momentum update per step, with the micro-batches' means
+  and variances averaged: for the same layer inputs that mean is the full
+  batch's, and the variance lacks the spread between micro-batch means (law of
+  total variance). Deeper layers' inputs already differ through the ghost
+  normalisation above them. The class centres are updated
+  from the full batch's embeddings, exactly as without accumulation.
+  Returns ((loss, aux), grads) like `jax.value_and_grad(stage1_loss, has_aux=True)`.
+  """
+  micro_images = _split(images, grad_accum_steps)
+
+  def forward(params, micro):
+    outputs, updates = model.apply({'params': params, 'batch_stats': batch_stats}, micro,
+                                   train=True, mutable=['batch_stats'])
+    return outputs, updates['batch_stats']
+
+  # Pass 1: nothing is differentiated here, so no activation outlives its micro-batch.
+  _, (outputs, micro_stats) = jax.lax.scan(
+      lambda carry, micro: (carry, forward(params, micro)), None, micro_images)
+  logits, embeddings = _merge(outputs[0]), _merge(outputs[1])
+  (loss, aux), output_grads = jax.value_and_grad(
+      stage1_objective, argnums=(0, 1), has_aux=True)(
+          logits, embeddings, labels, step, centers, **objective_kwargs)
+
+  # Pass 2: recompute each micro-batch and pull its slice of the output gradient back.
+  def accumulate(grads, inputs):
+    micro, micro_output_grads = inputs
+    _, pullback, _ = jax.vjp(lambda p: forward(p, micro), params, has_aux=True)
+    (micro_grads,) = pullback(micro_output_grads)
+    return jax.tree.map(jnp.add, grads, micro_grads), None
+
+  grads, _ = jax.lax.scan(
+      accumulate, jax.tree.map(jnp.zeros_like, params),
+      (micro_images, tuple(_split(g, grad_accum_steps) for g in output_grads)))
+  # Each micro-batch's update is momentum * old + (1 - momentum) * its statistics;
+  # their mean is one update with the mean of the micro-batch statistics.
+  new_stats = jax.tree.map(lambda stats: jnp.mean(stats, axis=0), micro_stats)
+  return (loss, {**aux, 'logits': logits, 'batch_stats': new_stats}), grads
 
 
 def stage1_step(state: TrainState, batch, rng, *, model: nn.Module, contrastive_weight: float,
                 learning_rate_fn: Callable, pixel_mean: Sequence[float],
                 pixel_std: Sequence[float], augment: str, crop_padding: int,
                 temperature: float = 0.1, classification_loss: Callable | None = None,
-                metric_loss: Callable | None = None, num_views: int = 1):
+                metric_loss: Callable | None = None, num_views: int = 1,
+                grad_accum_steps: int = 1):
   """One SGD step of the encoder and both heads.
 
   With `num_views=2` every image is augmented twice (independently); both
   views enter the classification loss and the metric loss, so each image has
   at least one positive (its other view), as in Khosla et al. (2020).
+  With `grad_accum_steps > 1` the batch goes through the model in that many
+  micro-batches (`cached_stage1_gradients`), still one compiled step and one
+  optimizer update on the whole batch's loss.
   """
   step_rng = jax.random.fold_in(rng, state.step)
   view_rngs = jax.random.split(step_rng, num_views)
@@ -108,11 +191,15 @@ def stage1_step(state: TrainState, batch, rng, *, model: nn.Module, contrastive_
       preprocess(batch['image'], view_rng, pixel_mean=pixel_mean, pixel_std=pixel_std,
                  augment=augment, crop_padding=crop_padding) for view_rng in view_rngs])
   labels = jnp.concatenate([batch['label']] * num_views)
-  grad_fn = jax.value_and_grad(stage1_loss, has_aux=True)
+  objective_kwargs = dict(contrastive_weight=contrastive_weight, temperature=temperature,
+                          classification_loss=classification_loss, metric_loss=metric_loss)
+  if grad_accum_steps == 1:
+    grad_fn = functools.partial(jax.value_and_grad(stage1_loss, has_aux=True), model=model)
+  else:
+    grad_fn = functools.partial(cached_stage1_gradients, model=model,
+                                grad_accum_steps=grad_accum_steps)
   (loss, aux), grads = grad_fn(state.params, state.batch_stats, images, labels, state.step,
-                               state.centers, model=model,
-                               contrastive_weight=contrastive_weight, temperature=temperature,
-                               classification_loss=classification_loss, metric_loss=metric_loss)
+                               state.centers, **objective_kwargs)
   new_state = guarded_update(
       state, state.apply_gradients(grads=grads, batch_stats=aux['batch_stats'],
                                    centers=aux['centers']), loss, grads)

@@ -3,9 +3,10 @@
 Stage 1 trains encoder + classifier + projection head with CE + lambda *
 SupCon. Stage 2 restores the stage-1 encoder selected on validation, freezes
 it, and trains a freshly initialised linear head with class-balanced
-sampling. Both stages evaluate on the validation split as they go, keep the
-best validation checkpoint, and evaluate the test split once, at the end,
-with that checkpoint.
+sampling (or another classifier, config.stage2_method; the closed-form ones
+are fitted once, with no training steps). Both stages evaluate on the
+validation split as they go, keep the best validation checkpoint, and
+evaluate the test split once, at the end, with that checkpoint.
 """
 
 from __future__ import annotations
@@ -101,13 +102,15 @@ def _is_log_step(step: int, config, total_steps: int) -> bool:
 
 
 @contextlib.contextmanager
-def _closing_on_error(ckpt, progress):
-  """Closes the progress bar and the checkpoint managers if the loop fails, so the
-  error is the last thing printed and background threads stop with the run."""
+def _closing_on_error(ckpt, progress, data_iterator):
+  """Closes the progress bar, the input pipeline and the checkpoint managers if the
+  loop fails, so the error is the last thing printed and background threads and
+  worker processes stop with the run."""
   try:
     yield
   except BaseException:
     progress.close()
+    data_iterator.close()
     try:
       ckpt.close()
     except Exception:  # the original error is the one to report
@@ -129,6 +132,25 @@ def _check_finite(state, measurements, config, ckpt, workdir, done) -> int:
         'config.learning_rate, check the data, or set config.skip_nonfinite=True to skip '
         'such updates and count them.')
   return count
+
+
+def _fit_closed_form(stage: stages.Stage, ckpt, dataset: sources.Dataset, data_info,
+                     config) -> steps.TrainState:
+  """Fits a closed-form stage-2 classifier (tau-norm, NCM, post-hoc logit adjustment),
+  choosing its settings on validation by SELECTION_METRIC, and saves it as the selected
+  model: the loop then runs no training steps."""
+  val = dataset.splits['val']
+  groups = frequency_groups(config)
+
+  def score(probabilities):
+    return metrics.summarize(val.labels, probabilities, dataset.class_names,
+                             data_info['counts']['train'], groups)[SELECTION_METRIC]
+
+  state, best_score = stage.fit(score)
+  ckpt.save_best(0, stage.eval_variables(state), {'step': 0, 'epoch': 0, 'split': 'val',
+                                                  'metric': SELECTION_METRIC,
+                                                  'score': best_score})
+  return state
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -158,7 +180,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       print(f'note: {note}')
   batches = pipeline.TrainBatches(dataset.splits['train'], dataset.num_classes,
                                   config.batch_size, config.sampler, config.seed,
-                                  config.num_epochs)
+                                  config.num_epochs, pairs=config.batch_pairs)
   build = stages.build_stage1 if config.stage == 'stage1' else stages.build_stage2
   stage = build(config, dataset, data_info, mesh, batches.steps_per_epoch)
 
@@ -168,16 +190,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     reporting.write_json(workdir / 'data.json', data_info)
   ckpt = checkpoint.Checkpoints(workdir)
   state = stage.state
+  if stage.fit is not None:
+    state = _fit_closed_form(stage, ckpt, dataset, data_info, config)
   bookkeeping = {'best_score': -1.0, 'best_step': -1}
-  data_iterator = pipeline.train_iterator(batches, config.data_workers)
   if ckpt.latest_step is not None:
     try:
-      state, bookkeeping = ckpt.restore_state(state, data_iterator)
+      state, bookkeeping = ckpt.restore_state(state)
     except checkpoint.CheckpointError:
       ckpt.close()
       raise
     print(f'Resuming {config.stage} from step {int(state.step)} ({workdir / "checkpoints"}).')
   start_step = int(state.step)
+  data_iterator = pipeline.train_iterator(
+      stage.batch_source(batches) if stage.batch_source else batches, config.data_workers,
+      start_step)
   if is_writer:
     for log in ('metrics.jsonl', 'val_metrics.jsonl'):
       workdir_lib.truncate_log(workdir / log, start_step)
@@ -192,13 +218,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   metrics_log = reporting.MetricsLog(workdir / 'metrics.jsonl')
   val_log = reporting.MetricsLog(workdir / 'val_metrics.jsonl')
   groups = frequency_groups(config)
-  total_steps = batches.total_steps
+  total_steps = batches.total_steps if stage.train_step else 0
   curves = reporting.ScalarWriter(workdir / 'tensorboard', purge_step=start_step or None) \
       if is_writer else None
   progress = tqdm(total=total_steps, initial=start_step, desc=config.stage, unit='step',
-                  disable=not is_writer, dynamic_ncols=True)
+                  disable=not is_writer or not total_steps, dynamic_ncols=True)
   last_log_time, last_log_step = time.perf_counter(), start_step
-  with workdir_lib.StopRequest() as stop, _closing_on_error(ckpt, progress):
+  with workdir_lib.StopRequest() as stop, _closing_on_error(ckpt, progress, data_iterator):
     for step in range(start_step, total_steps):
       batch = sharding.put_global_batch(next(data_iterator), mesh)
       state, measurements = stage.train_step(state, batch, rng)
@@ -235,11 +261,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           ckpt.save_best(done, stage.eval_variables(state),
                          {'step': done, 'epoch': epoch, 'split': 'val',
                           'metric': SELECTION_METRIC, 'score': val[SELECTION_METRIC]})
+      stopping = stop.reached(done)
       if epoch_done and (epoch % config.checkpoint_every_epochs == 0 or done == total_steps):
-        ckpt.save_state(done, state, bookkeeping, data_iterator)
-      elif stop.requested:
-        ckpt.save_state(done, state, bookkeeping, data_iterator)
-      if stop.requested and done < total_steps:
+        ckpt.save_state(done, state, bookkeeping)
+      elif stopping:
+        ckpt.save_state(done, state, bookkeeping)
+      if stopping and done < total_steps:
         progress.close()
         ckpt.wait()
         ckpt.close()
@@ -247,6 +274,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if epoch_done:  # Throughput counts training steps only, not evaluation or saving.
         last_log_time, last_log_step = time.perf_counter(), done
   progress.close()
+  data_iterator.close()  # stops grain's worker processes, if any
   if curves is not None:
     curves.close()
   ckpt.wait()

@@ -6,7 +6,7 @@
   was interrupted) are dropped: the resumed run writes them again, identically.
 - A report about to be replaced is kept as report.N.json.
 - SIGTERM (a pre-emption notice) asks the loop to checkpoint at the next step
-  boundary and stop.
+  boundary and stop; with several processes, every process at the same step.
 """
 
 from __future__ import annotations
@@ -15,6 +15,9 @@ import json
 import pathlib
 import signal
 import threading
+
+import jax
+from jax.experimental import multihost_utils
 
 from imbal_jax import atomic
 
@@ -85,14 +88,26 @@ def keep_previous_report(workdir: pathlib.Path) -> pathlib.Path | None:
 
 
 class StopRequest:
-  """Set by SIGTERM; the training loop checks it at step boundaries."""
+  """SIGTERM asks the training loop to stop; `reached(step)` says at which step.
+
+  One process: a signal handler sets a flag, and the loop stops after the step
+  in progress. Several processes must stop at the same step (each saves its part
+  of the checkpoint, and one that stopped alone would leave the others waiting in
+  a collective). There JAX's pre-emption service, started by
+  jax.distributed.initialize, catches SIGTERM on any host, and the hosts agree on
+  a step: one past the furthest any of them has reached. Asking it is a local
+  check until a notice arrives, so the loop asks after every step without a
+  device sync.
+  """
 
   def __init__(self):
     self._event = threading.Event()
     self._previous = None
+    self._collective = False
 
   def __enter__(self) -> 'StopRequest':
-    if threading.current_thread() is threading.main_thread():
+    self._collective = jax.process_count() > 1 and jax.distributed.is_initialized()
+    if not self._collective and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, lambda *_: self._event.set())
     return self
 
@@ -100,6 +115,8 @@ class StopRequest:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
 
-  @property
-  def requested(self) -> bool:
+  def reached(self, step: int) -> bool:
+    """Whether to checkpoint and stop after `step`; call it once after every step, in order."""
+    if self._collective:
+      return multihost_utils.reached_preemption_sync_point(step)
     return self._event.is_set()

@@ -6,7 +6,8 @@
 # One process drives all local devices: jit shards each global batch over the
 # 'data' mesh axis, so config.batch_size is the GLOBAL batch and must be
 # divisible by the number of devices (the run stops with a clear message
-# otherwise). Multi-host launchers (TPU pods, SLURM) are tracked separately.
+# otherwise). Several hosts: launch/tpu_pod.sh (Cloud TPU VM pod slices) and
+# launch/slurm_gpu.sbatch (GPU nodes under SLURM).
 #
 # Usage: launch/single_host.sh RUN [extra --config.FIELD=VALUE overrides]
 set -euo pipefail

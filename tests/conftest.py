@@ -7,7 +7,7 @@ import os
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CACHE_DIR = ROOT / '.cache' / 'jax-tests'
+CACHE_DIR = pathlib.Path(os.environ.get('IMBAL_JAX_TEST_CACHE', ROOT / '.cache' / 'jax-tests'))
 NUM_DEVICES = 8
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +

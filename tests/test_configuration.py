@@ -85,3 +85,12 @@ def test_main_reports_config_error_without_traceback(tmp_path):
   assert result.returncode == 2
   assert "config error: config.model='resnet1000' is not known" in result.stderr
   assert 'Traceback' not in result.stderr
+
+
+def test_metric_only_encoder_needs_a_metric_loss_weight():
+  config = load_config('stage1')
+  config.update(classification_trains_encoder=False, contrastive_weight=0.0)
+  with pytest.raises(configuration.ConfigError, match='config.contrastive_weight=0'):
+    configuration.resolve(config)
+  config.contrastive_weight = 1.0
+  assert not configuration.resolve(config).classification_trains_encoder

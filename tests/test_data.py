@@ -163,20 +163,19 @@ def test_eval_batches_pad_and_mask_every_example_once():
   assert seen == list(range(13))
 
 
-def test_grain_iterator_yields_step_batches_and_restores_its_position():
+def test_grain_iterator_yields_step_batches_and_starts_at_the_resumed_step():
   labels = np.repeat(np.arange(3), [20, 7, 3]).astype(np.int32)
   split = sources.Split(np.arange(30, dtype=np.uint8).reshape(30, 1, 1, 1), labels)
   batches = pipeline.TrainBatches(split, 3, batch_size=8, sampler='class_balanced', seed=0,
                                   num_epochs=3)
   iterator = pipeline.train_iterator(batches)
-  for step in range(5):
-    batch = next(iterator)
-    np.testing.assert_array_equal(batch['image'][:, 0, 0, 0], batches.indices(step))
-  state = iterator.get_state()
-  expected = next(iterator)
-  resumed = pipeline.train_iterator(batches)
-  resumed.set_state(state)
-  np.testing.assert_array_equal(next(resumed)['image'], expected['image'])
+  seen = [next(iterator)['image'] for _ in range(batches.total_steps)]
+  for step, images in enumerate(seen):
+    np.testing.assert_array_equal(images[:, 0, 0, 0], batches.indices(step))
+  with pytest.raises(StopIteration):
+    next(iterator)
+  resumed = pipeline.train_iterator(batches, start_step=5)
+  np.testing.assert_array_equal(next(resumed)['image'], seen[5])
 
 
 def test_two_processes_read_disjoint_slices_that_cover_the_global_batch(monkeypatch):
@@ -200,3 +199,73 @@ def test_two_processes_read_disjoint_slices_that_cover_the_global_batch(monkeypa
       eval_rows.append((process, batch['image'][:, 0, 0, 0][batch['mask'] > 0].tolist()))
   covered = sorted(v for _, rows in eval_rows for v in rows)
   assert covered == list(range(30))
+
+
+@pytest.mark.parametrize('sampler', ['instance', 'class_balanced'])
+def test_pairs_put_every_class_of_a_batch_at_least_twice(sampler):
+  labels = np.repeat(np.arange(5), [200, 60, 20, 5, 1])  # class 4 has a single image
+  batch = 16
+  indices = samplers.epoch_indices(labels, 5, sampler, seed=3, epoch=2, length=batch * 40,
+                                   pairs=True)
+  assert len(indices) == batch * 40
+  for rows in indices.reshape(-1, batch):
+    classes, counts = np.unique(labels[rows], return_counts=True)
+    assert counts.min() >= 2, (classes, counts)
+  # Slots 2i and 2i+1 share a class, and are distinct images wherever the class allows.
+  first, second = indices[0::2], indices[1::2]
+  np.testing.assert_array_equal(labels[first], labels[second])
+  assert np.all((first != second) | (labels[first] == 4))
+  # The anchors are exactly the sampler's own draw, so class frequencies are unchanged.
+  np.testing.assert_array_equal(
+      first, samplers.epoch_indices(labels, 5, sampler, seed=3, epoch=2, length=batch * 20))
+  again = samplers.epoch_indices(labels, 5, sampler, seed=3, epoch=2, length=batch * 40,
+                                 pairs=True)
+  np.testing.assert_array_equal(indices, again)
+
+
+def test_pair_partners_are_uniform_over_the_other_members():
+  labels = np.zeros(4, np.int64)
+  anchors = np.zeros(30_000, np.int64)  # always image 0
+  partners = samplers._partners(labels, anchors, np.random.default_rng(0))
+  counts = np.bincount(partners, minlength=4)
+  assert counts[0] == 0
+  np.testing.assert_allclose(counts[1:] / len(anchors), 1 / 3, atol=0.015)
+
+
+def test_batch_pairs_needs_an_even_batch():
+  from imbal_jax import configuration
+  from test_configuration import load_config
+  config = load_config('stage1')
+  config.update(batch_pairs=True, batch_size=33)
+  with pytest.raises(configuration.ConfigError, match='config.batch_size'):
+    configuration.resolve(config)
+
+
+def test_worker_processes_deliver_the_same_batches_whatever_their_number():
+  labels = np.repeat(np.arange(3), [20, 7, 3]).astype(np.int32)
+  split = sources.Split(np.arange(30, dtype=np.uint8).reshape(30, 1, 1, 1), labels)
+  batches = pipeline.TrainBatches(split, 3, batch_size=8, sampler='sqrt', seed=1, num_epochs=3)
+  # A run started with 2 workers may resume with 3 (or none): the position is the step.
+  for workers, start in ((2, 0), (3, 4)):
+    iterator = pipeline.train_iterator(batches, num_workers=workers, start_step=start)
+    for step in range(start, batches.total_steps):
+      batch = next(iterator)
+      np.testing.assert_array_equal(batch['image'][:, 0, 0, 0], batches.indices(step))
+      np.testing.assert_array_equal(batch['label'], labels[batches.indices(step)])
+    iterator.close()
+
+
+def test_train_batches_are_right_when_threads_cross_epoch_boundaries():
+  import concurrent.futures
+  labels = np.repeat(np.arange(3), [20, 7, 3]).astype(np.int32)
+  split = sources.Split(np.zeros((30, 1, 1, 1), np.uint8), labels)
+  batches = pipeline.TrainBatches(split, 3, batch_size=8, sampler='instance', seed=0,
+                                  num_epochs=40)
+  # Alternate between the last step of one epoch and the first of the next.
+  steps = [s for e in range(1, 40) for s in (4 * e - 1, 4 * e)] * 5
+  expected = {s: pipeline.TrainBatches(split, 3, batch_size=8, sampler='instance', seed=0,
+                                       num_epochs=40).indices(s) for s in set(steps)}
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    results = list(pool.map(batches.indices, steps))
+  for step, got in zip(steps, results):
+    np.testing.assert_array_equal(got, expected[step])

@@ -48,3 +48,23 @@ def test_stage1_net_outputs_logits_and_unit_embeddings():
   logits, embeddings = model.apply(variables, images, train=False)
   assert logits.shape == (5, 7) and embeddings.shape == (5, 16)
   np.testing.assert_allclose(np.linalg.norm(np.asarray(embeddings), axis=1), 1.0, rtol=1e-5)
+
+
+def test_probe_classifier_trains_the_classifier_but_not_the_encoder():
+  encoder = make_encoder('resnet32', width=4, image_size=8)
+  images = jax.random.normal(jax.random.key(1), (6, 8, 8, 1))
+  labels = jnp.arange(6) % 3
+  grads = {}
+  for probe in (False, True):
+    model = Stage1Net(encoder=encoder, num_classes=3, projection_dim=8, probe_classifier=probe)
+    variables = model.init(jax.random.key(0), images, train=False)
+
+    def ce(params):
+      logits, _ = model.apply({**variables, 'params': params}, images, train=False)
+      return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(6), labels])
+
+    grads[probe] = jax.grad(ce)(variables['params'])
+  encoder_norm = lambda g: sum(float(jnp.sum(x**2)) for x in jax.tree.leaves(g['encoder']))
+  assert encoder_norm(grads[False]) > 0 and encoder_norm(grads[True]) == 0
+  jax.tree.map(np.testing.assert_array_equal, grads[True]['classifier'],
+               grads[False]['classifier'])

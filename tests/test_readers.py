@@ -1,5 +1,6 @@
 """Readers on small files written here: good files read exactly, bad ones give one clear error."""
 
+import functools
 import gzip
 import json
 import struct
@@ -234,12 +235,12 @@ def test_prepared_cache_trains_through_the_protocol(tmp_path):
   assert data.class_counts('val').tolist() == [1, 1, 1]
 
 
-def test_tfds_array_record_source_without_tensorflow(tmp_path):
+@functools.cache  # tfds registers a builder class by name, once per process
+def _tiny_tfds_builder():
   import io
   import tensorflow_datasets as tfds
 
   class TinyLtImages(tfds.core.GeneratorBasedBuilder):
-    """60 training and 15 test images of 3 classes, written as array_record."""
     VERSION = tfds.core.Version('1.0.0')
 
     def _info(self):
@@ -257,7 +258,17 @@ def test_tfds_array_record_source_without_tensorflow(tmp_path):
         Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(buffer, 'PNG')
         yield i, {'image': buffer.getvalue(), 'label': i % 3}
 
-  TinyLtImages(data_dir=str(tmp_path), file_format='array_record').download_and_prepare()
+  return TinyLtImages
+
+
+def write_tiny_tfds(data_dir):
+  """A tfds data set 'tiny_lt_images' in array_record format: 60 train and 15 test
+  8x8 RGB images of 3 classes (image i has class i % 3), built without TensorFlow."""
+  _tiny_tfds_builder()(data_dir=str(data_dir), file_format='array_record').download_and_prepare()
+
+
+def test_tfds_array_record_source_without_tensorflow(tmp_path):
+  write_tiny_tfds(tmp_path)
   source = readers.tfds_source(cfg(tfds_name='tiny_lt_images', data_dir=str(tmp_path)))
   assert source.class_names == ('cat', 'dog', 'eel') and source.balanced
   assert len(source.parts['train']) == 60 and len(source.parts['test']) == 15

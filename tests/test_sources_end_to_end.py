@@ -8,6 +8,7 @@ from PIL import Image
 
 from imbal_jax import prepare, train
 from test_configuration import load_config
+from test_readers import write_tiny_tfds
 
 TINY = dict(width=4, num_epochs=1, warmup_epochs=0, batch_size=16, eval_batch_size=16,
             log_every_steps=5, augment='rrc+flip+vflip+rot90+jitter')
@@ -37,16 +38,55 @@ def two_stages(tmp_path, **data_fields):
   return [json.loads((tmp_path / s / 'report.json').read_text()) for s in ('stage1', 'stage2')]
 
 
-@pytest.mark.parametrize('kind', ['prepared'])  # the cache is written by the folder reader
-def test_class_folders_train_both_stages(tmp_path, kind):
-  write_class_folders(tmp_path / 'images')
-  path = tmp_path / 'images'
-  if kind == 'prepared':
-    prepare.prepare('folder', str(path), str(tmp_path / 'cache'), image_size=8)
-    path = tmp_path / 'cache'
-  stage1, stage2 = two_stages(tmp_path, dataset=kind, data_path=str(path))
+def write_csv_list(root, counts=(30, 12, 6)):
+  """The class folders of `write_class_folders`, listed in a path,label CSV."""
+  write_class_folders(root / 'images', counts)
+  rows = ['path,label'] + [f'{path.relative_to(root)},{path.parent.name}'
+                           for path in sorted((root / 'images').rglob('*.png'))]
+  (root / 'list.csv').write_text('\n'.join(rows) + '\n')
+  return root / 'list.csv'
+
+
+def write_isic(root, counts=(30, 12, 6)):
+  """ISIC layout: one image folder and a ground-truth CSV of one-hot class columns."""
+  write_class_folders(root / 'folders', counts)
+  rows = ['image,MEL,NV,BCC']
+  for i, path in enumerate(sorted((root / 'folders').rglob('*.png'))):
+    target = root / 'images' / f'ISIC_{i:07d}.png'
+    target.parent.mkdir(parents=True, exist_ok=True)
+    path.rename(target)
+    onehot = ['0.0'] * 3
+    onehot[int(path.parent.name.split('_')[1])] = '1.0'
+    rows.append(f'ISIC_{i:07d},' + ','.join(onehot))
+  (root / 'gt.csv').write_text('\n'.join(rows) + '\n')
+  return root / 'images', root / 'gt.csv'
+
+
+# Every source gives 8x8 RGB images of 3 classes at batch 16: one compiled program serves all.
+@pytest.mark.parametrize('kind', ['prepared', 'csv', 'isic', 'tfds'])
+def test_each_file_source_trains_both_stages(tmp_path, kind):
+  fields = {}
+  if kind == 'prepared':  # the cache is written from class folders (the folder reader)
+    write_class_folders(tmp_path / 'images')
+    prepare.prepare('folder', str(tmp_path / 'images'), str(tmp_path / 'cache'), image_size=8)
+    fields = dict(data_path=str(tmp_path / 'cache'))
+    names, total = ['class_0', 'class_1', 'class_2'], 48
+  elif kind == 'csv':
+    fields = dict(data_path=str(write_csv_list(tmp_path)))
+    names, total = ['class_0', 'class_1', 'class_2'], 48
+  elif kind == 'isic':
+    images, labels = write_isic(tmp_path)
+    fields = dict(data_path=str(images), labels_csv=str(labels))
+    names, total = ['MEL', 'NV', 'BCC'], 48
+  else:
+    write_tiny_tfds(tmp_path / 'tfds')
+    fields = dict(tfds_name='tiny_lt_images', data_dir=str(tmp_path / 'tfds'))
+    names, total = ['cat', 'dog', 'eel'], 75
+  stage1, stage2 = two_stages(tmp_path, dataset=kind, **fields)
   for report in (stage1, stage2):
-    assert report['class_names'] == ['class_0', 'class_1', 'class_2']
-    assert sum(report['split_sizes'].values()) == 48  # nothing dropped
+    assert report['class_names'] == names
+    assert sum(report['split_sizes'].values()) == total  # nothing dropped
     assert report['test']['num_examples'] == report['split_sizes']['test']
+  if kind == 'isic':  # the CSV's one-hot columns, in file order: 30, 12 and 6 images
+    assert sum(stage1['train_counts']) == stage1['split_sizes']['train']
   assert stage2['train_counts'] == stage1['train_counts']

@@ -4,8 +4,9 @@ A training batch is a pure function of the global step (the sampler is
 seeded by (seed, epoch)), so resuming at step s continues with exactly the
 batches an uninterrupted run would have seen. Batches are produced by a grain
 `MapDataset` over step numbers: grain prefetches them on threads (or on
-worker processes, `config.data_workers`) while the device trains, and its
-iterator state (the next step) is saved with each checkpoint. With several
+worker processes, `config.data_workers`) while the device trains. The
+iterator's position is the train state's step, saved with every checkpoint;
+a resumed run starts its iterator there, whatever its number of workers. With several
 processes each takes its own contiguous slice of the global batch.
 """
 
@@ -15,6 +16,7 @@ import math
 from typing import Iterator
 
 import grain
+from absl import flags
 import jax
 import numpy as np
 
@@ -26,7 +28,7 @@ class TrainBatches:
   """Global-batch index stream for one training run."""
 
   def __init__(self, split: Split, num_classes: int, batch_size: int, sampler: str, seed: int,
-               num_epochs: int):
+               num_epochs: int, pairs: bool = False):
     if len(split) == 0:
       raise ValueError('the training split is empty.')
     self.split = split
@@ -35,20 +37,23 @@ class TrainBatches:
     self.sampler = sampler
     self.seed = seed
     self.num_epochs = num_epochs
+    self.pairs = pairs  # see samplers: every class in a batch at least twice
     # Nothing is dropped: the last batch of an epoch is topped up by the sampler.
     self.steps_per_epoch = math.ceil(len(split) / batch_size)
     self.total_steps = self.steps_per_epoch * num_epochs
-    self._cached_epoch = None
-    self._cached_indices = None
+    # (epoch, indices), replaced as one tuple: grain calls `indices` from several
+    # threads, and a reader must never pair one epoch's number with another's indices.
+    self._cache = (None, None)
 
   def indices(self, step: int) -> np.ndarray:
     epoch, offset = divmod(step, self.steps_per_epoch)
-    if epoch != self._cached_epoch:
-      self._cached_indices = samplers.epoch_indices(
+    cached_epoch, epoch_indices = self._cache
+    if cached_epoch != epoch:
+      epoch_indices = samplers.epoch_indices(
           self.split.labels, self.num_classes, self.sampler, self.seed, epoch,
-          self.steps_per_epoch * self.batch_size, self.num_epochs)
-      self._cached_epoch = epoch
-    return self._cached_indices[offset * self.batch_size:(offset + 1) * self.batch_size]
+          self.steps_per_epoch * self.batch_size, self.num_epochs, pairs=self.pairs)
+      self._cache = (epoch, epoch_indices)
+    return epoch_indices[offset * self.batch_size:(offset + 1) * self.batch_size]
 
   def local_batch(self, step: int) -> dict[str, np.ndarray]:
     """This process's slice of the global batch at `step`."""
@@ -77,11 +82,16 @@ def eval_batches(split: Split, batch_size: int) -> Iterator[dict[str, np.ndarray
            'mask': mask[start:start + per_process]}
 
 
-def train_iterator(batches: TrainBatches, num_workers: int = 0, prefetch: int = 4):
-  """A grain iterator over this process's part of every training batch, in step order."""
-  dataset = grain.MapDataset.range(batches.total_steps).map(batches.local_batch)
+def train_iterator(batches: TrainBatches, num_workers: int = 0, start_step: int = 0,
+                   prefetch: int = 4):
+  """A grain iterator over this process's part of each training batch from `start_step` on."""
+  dataset = grain.MapDataset.range(start_step, batches.total_steps).map(batches.local_batch)
   iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=2,
                                                        prefetch_buffer_size=prefetch))
   if num_workers > 0:
+    # grain's workers read absl flags (defaults suffice); when imbal_jax is used as a
+    # library, not through `python -m imbal_jax.main`, nothing has parsed them yet.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return iter(iterable)

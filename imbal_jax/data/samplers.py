@@ -13,6 +13,13 @@ exactly the indices it would have seen, so no iterator state is needed.
 Within a class, examples are taken from a fresh seeded permutation of the
 class, cycled as often as needed, so rare classes repeat evenly rather than
 at random.
+
+Batch composition (`pairs=True`, config.batch_pairs, stage 1): half of each
+batch is drawn by the sampler; each of those examples is followed by another
+example of its class, so every class in a batch appears at least twice and
+every anchor of the contrastive loss has a positive besides itself. Class
+frequencies stay those of the sampler. A class with a single training image
+is paired with itself (its two augmentations differ).
 """
 
 from __future__ import annotations
@@ -43,9 +50,18 @@ def class_probabilities(class_counts: np.ndarray, sampler: str, epoch: int = 0,
 
 
 def epoch_indices(labels: np.ndarray, num_classes: int, sampler: str, seed: int, epoch: int,
-                  length: int, num_epochs: int = 1) -> np.ndarray:
-  """`length` indices into `labels` for `epoch` (deterministic in seed, epoch)."""
+                  length: int, num_epochs: int = 1, pairs: bool = False) -> np.ndarray:
+  """`length` indices into `labels` for `epoch` (deterministic in seed, epoch).
+
+  With `pairs`, `length` must be even: positions 2i and 2i+1 hold two examples
+  of one class (distinct where the class has more than one).
+  """
   labels = np.asarray(labels)
+  if pairs:
+    if length % 2:
+      raise ValueError(f'pairs need an even number of slots, got {length}.')
+    anchors = epoch_indices(labels, num_classes, sampler, seed, epoch, length // 2, num_epochs)
+    return _interleave(anchors, _partners(labels, anchors, np.random.default_rng([seed, epoch, 1])))
   rng = np.random.default_rng([seed, epoch])
   if sampler == 'instance':
     # Whole shuffled passes; a partial pass tops up the last batch.
@@ -62,3 +78,27 @@ def epoch_indices(labels: np.ndarray, num_classes: int, sampler: str, seed: int,
     stream = np.concatenate([rng.permutation(members) for _ in range(cycles)])
     indices[slots] = stream[:len(slots)]
   return indices
+
+
+def _partners(labels: np.ndarray, anchors: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """For each anchor, another example of its class (itself if the class has one)."""
+  partners = np.empty_like(anchors)
+  anchor_labels = labels[anchors]
+  for c in np.unique(anchor_labels):
+    members = np.flatnonzero(labels == c)
+    slots = np.flatnonzero(anchor_labels == c)
+    if len(members) == 1:
+      partners[slots] = members[0]
+      continue
+    # A uniformly drawn member other than the anchor: draw among the other
+    # len(members) - 1 positions and skip over the anchor's own.
+    own = np.searchsorted(members, anchors[slots])
+    offset = rng.integers(0, len(members) - 1, size=len(slots))
+    partners[slots] = members[offset + (offset >= own)]
+  return partners
+
+
+def _interleave(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+  out = np.empty(2 * len(first), dtype=first.dtype)
+  out[0::2], out[1::2] = first, second
+  return out

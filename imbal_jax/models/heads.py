@@ -1,6 +1,12 @@
-"""Heads on top of the encoder's pooled features, and the stage-1 network."""
+"""Heads on top of the encoder's pooled features, and the stage-1 network.
+
+`dtype` is the compute dtype of the dense layers; their parameters are float32
+and every head returns float32, so the losses never see bfloat16.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -11,10 +17,13 @@ class LinearHead(nn.Module):
   """The classifier: one dense layer from features to class logits."""
 
   num_classes: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, features):
-    return nn.Dense(self.num_classes, name='dense')(features)
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
+                      name='dense')(features)
+    return logits.astype(jnp.float32)
 
 
 class ProjectionHead(nn.Module):
@@ -25,11 +34,16 @@ class ProjectionHead(nn.Module):
 
   hidden_dim: int
   output_dim: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, features):
-    x = nn.relu(nn.Dense(self.hidden_dim, name='hidden')(features))
-    x = nn.Dense(self.output_dim, name='output')(x)
+    dense = lambda size, name: nn.Dense(size, dtype=self.dtype, param_dtype=jnp.float32,
+                                        name=name)
+    x = nn.relu(dense(self.hidden_dim, 'hidden')(features))
+    # Normalised in float32: bfloat16 keeps under 3 significant digits, and the
+    # contrastive loss divides similarities by its temperature (0.1).
+    x = dense(self.output_dim, 'output')(x).astype(jnp.float32)
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
@@ -38,20 +52,29 @@ class Stage1Net(nn.Module):
 
   Variables: params {'encoder', 'classifier', 'projection'} and
   batch_stats {'encoder'}; stage 2 takes the 'encoder' parts as constants.
+  `dtype` is the heads' compute dtype (the encoder has its own, set by
+  make_encoder); both outputs are float32. With `probe_classifier` the
+  classifier reads the features through stop_gradient: it is trained as a
+  linear probe while the encoder learns from the metric loss alone (SupCon-only
+  pre-training, Khosla et al. 2020), and its validation score still tracks the
+  representation, so model selection keeps its meaning.
   """
 
   encoder: nn.Module
   num_classes: int
   projection_dim: int
+  dtype: Any = jnp.float32
+  probe_classifier: bool = False
 
   def setup(self):
-    self.classifier = LinearHead(self.num_classes)
+    self.classifier = LinearHead(self.num_classes, dtype=self.dtype)
     self.projection = ProjectionHead(hidden_dim=self.projection_dim * 4,
-                                     output_dim=self.projection_dim)
+                                     output_dim=self.projection_dim, dtype=self.dtype)
 
   def __call__(self, images, train: bool = True):
     features = self.encoder(images, train=train)
-    return self.classifier(features), self.projection(features)
+    classifier_input = jax.lax.stop_gradient(features) if self.probe_classifier else features
+    return self.classifier(classifier_input), self.projection(features)
 
 
 def encoder_variables(params, batch_stats) -> dict[str, jax.Array]:

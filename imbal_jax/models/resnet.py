@@ -8,6 +8,10 @@
   originally). For small images (below 64 px) the 7x7/2 stem and max-pool would
   throw away most of the image, so a 3x3/1 stem replaces them, as is common for
   CIFAR-sized inputs.
+
+`dtype` is the compute dtype of convolutions (bfloat16 for mixed precision);
+parameters and batch-norm statistics stay float32 and the pooled features are
+returned in float32.
 """
 
 from __future__ import annotations
@@ -19,6 +23,14 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 ModuleDef = Any
+
+# Batch norm as every encoder here uses it. Checked in flax 0.12.8 (and in
+# tests/test_precision.py): with dtype=bfloat16 the running statistics, scale
+# and bias stay float32, and force_float32_reductions computes the batch mean
+# and variance and the normalisation itself in float32; only the output is cast
+# to dtype. A bfloat16 reduction would lose the variance of large activations.
+BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5,
+                              force_float32_reductions=True)
 
 
 class BasicBlock(nn.Module):
@@ -81,9 +93,7 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = True):
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, padding='SAME')
-    norm = functools.partial(
-        nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
-        dtype=self.dtype)
+    norm = functools.partial(BatchNorm, use_running_average=not train, dtype=self.dtype)
     x = x.astype(self.dtype)
     if self.small_stem:
       x = nn.relu(norm()(conv(self.width, (3, 3))(x)))
@@ -97,7 +107,7 @@ class ResNet(nn.Module):
         if self.block is BasicBlock:
           block = functools.partial(block, shortcut=self.shortcut)
         x = block(self.width * 2**stage, strides)(x)
-    return jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 
 # name -> (stage sizes, block, default base width)
@@ -108,8 +118,9 @@ ARCHITECTURES = {
 }
 
 
-def make_encoder(name: str, width: int | None = None, image_size: int = 32) -> ResNet:
-  """Builds encoder `name`; `width` 0 or None keeps the architecture's default."""
+def make_encoder(name: str, width: int | None = None, image_size: int = 32,
+                 dtype: Any = 'float32') -> ResNet:
+  """Builds encoder `name` computing in `dtype`; `width` 0 or None keeps the default width."""
   if name not in ARCHITECTURES:
     raise ValueError(
         f'config.model={name!r} is not a known model; choose one of {sorted(ARCHITECTURES)}.')
@@ -118,4 +129,5 @@ def make_encoder(name: str, width: int | None = None, image_size: int = 32) -> R
   cifar_style = name == 'resnet32'
   small_stem = cifar_style or image_size < 64
   return ResNet(stage_sizes=stage_sizes, block=block, width=width or default_width,
-                small_stem=small_stem, shortcut='pad' if cifar_style else 'projection')
+                small_stem=small_stem, shortcut='pad' if cifar_style else 'projection',
+                dtype=jnp.dtype(dtype))

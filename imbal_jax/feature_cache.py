@@ -1,0 +1,102 @@
+"""Stage 2 on cached features: the frozen trunk runs once per image, not once per step.
+
+In stage 2 the trunk (the encoder; for LWS the encoder and stage-1
+classifier) never changes, so its output for a given input image is a
+constant. With `config.cache_features` it is computed once for the training
+split, in `config.feature_views` views (view 0: the plain image; views 1 and
+up: `config.augment` with fixed seeds), and kept on the host. Every step then
+reads, for the indices the sampler would have given the image path, one
+view's rows (drawn per row from (seed, step)) and trains the head alone.
+
+With one view this is the image path with augment='none', up to float
+rounding: same batches, same initial head, same updates.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from imbal_jax import sharding, steps
+from imbal_jax.data import pipeline
+from imbal_jax.data.sources import Split
+
+
+def trunk_fn(trunk: nn.Module, mesh, *, pixel_mean: Sequence[float],
+             pixel_std: Sequence[float], augment: str, crop_padding: int) -> Callable:
+  """Jitted (variables, uint8 images, rng or None) -> the trunk's outputs, replicated.
+
+  With rng None the images are not augmented (view 0).
+  """
+  def outputs(variables, images, rng):
+    x = steps.preprocess(images, rng, pixel_mean=pixel_mean, pixel_std=pixel_std,
+                         augment=augment, crop_padding=crop_padding)
+    return trunk.apply(variables, x, train=False)
+
+  return jax.jit(outputs, out_shardings=sharding.replicated(mesh))
+
+
+def compute_features(outputs_fn: Callable, variables, split: Split, *, batch_size: int, mesh,
+                     views: int = 1, seed: int = 0) -> np.ndarray:
+  """[views, examples, dim] outputs of `trunk_fn` for `split`, in order; view 0 is plain."""
+  tables = []
+  for view in range(views):
+    view_rng = jax.random.fold_in(jax.random.key(seed), view) if view else None
+    outputs = []
+    # One batch in flight at a time, as in train.evaluate; outputs are replicated.
+    for index, batch in enumerate(pipeline.eval_batches(split, batch_size)):
+      images = sharding.put_global_batch({'image': batch['image']}, mesh)['image']
+      rng = None if view_rng is None else jax.random.fold_in(view_rng, index)
+      outputs.append(np.asarray(jax.device_get(outputs_fn(variables, images, rng))))
+    tables.append(np.concatenate(outputs)[:len(split)])
+  return np.stack(tables)
+
+
+class FeatureBatches:
+  """The training batches of `batches` as rows of a feature table instead of images.
+
+  Offers what pipeline.train_iterator reads (total_steps, local_batch), so the
+  loop, its checkpointed iterator state and resumption work unchanged.
+  """
+
+  def __init__(self, batches: pipeline.TrainBatches, table: np.ndarray, seed: int):
+    self.batches = batches
+    self.table = table  # [views, examples, dim]
+    self.seed = seed
+    self.total_steps = batches.total_steps
+
+  def local_batch(self, step: int) -> dict[str, np.ndarray]:
+    """This process's slice of the global batch at `step`: {'feature', 'label'}."""
+    indices = self.batches.indices(step)
+    # Drawn for the global batch, then sliced, so every process agrees.
+    views = np.random.default_rng([self.seed, step]).integers(len(self.table), size=len(indices))
+    per_process = len(indices) // jax.process_count()
+    local = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
+    return {'feature': self.table[views[local], indices[local]],
+            'label': self.batches.split.labels[indices[local]]}
+
+
+def head_step(state: steps.TrainState, batch, rng, *, head: nn.Module,
+              learning_rate_fn: Callable):
+  """steps.stage2_step from the trunk's output on: one SGD step of the head.
+
+  `rng` is unused (the features are fixed); it keeps the loop's step signature.
+  """
+  del rng
+  labels = batch['label']
+  (loss, logits), grads = jax.value_and_grad(steps.stage2_loss, has_aux=True)(
+      state.params, batch['feature'], labels, head=head)
+  new_state = steps.guarded_update(state, state.apply_gradients(grads=grads), loss, grads)
+  measurements = {
+      'loss': loss,
+      'ce': loss,
+      'train_accuracy': jnp.mean(jnp.argmax(logits, -1) == labels),
+      'grad_norm': optax.tree.norm(grads),
+      'learning_rate': learning_rate_fn(state.step),
+  }
+  return new_state, measurements
