@@ -271,6 +271,7 @@ def time_input_pipeline(config, *, steps: int = 20, warmup: int = 3,
     start = time.perf_counter()
     images += len(next(iterator)['label'])
     times.append(time.perf_counter() - start)
+  iterator.close()  # stops grain's worker processes, if any
   height, width, channels = dataset.image_shape
   record.update(skipped=False, dataset=dataset.name, train_images=len(train_split),
                 image_size=height, channels=channels,
