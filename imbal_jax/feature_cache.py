@@ -18,9 +18,7 @@ from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
 from imbal_jax import sharding, steps
 from imbal_jax.data import pipeline
@@ -88,15 +86,5 @@ def head_step(state: steps.TrainState, batch, rng, *, head: nn.Module,
   `rng` is unused (the features are fixed); it keeps the loop's step signature.
   """
   del rng
-  labels = batch['label']
-  (loss, logits), grads = jax.value_and_grad(steps.stage2_loss, has_aux=True)(
-      state.params, batch['feature'], labels, head=head)
-  new_state = steps.guarded_update(state, state.apply_gradients(grads=grads), loss, grads)
-  measurements = {
-      'loss': loss,
-      'ce': loss,
-      'train_accuracy': jnp.mean(jnp.argmax(logits, -1) == labels),
-      'grad_norm': optax.tree.norm(grads),
-      'learning_rate': learning_rate_fn(state.step),
-  }
-  return new_state, measurements
+  return steps.head_update(state, batch['feature'], batch['label'], head=head,
+                           learning_rate_fn=learning_rate_fn)

@@ -232,7 +232,14 @@ def stage2_step(state: TrainState, batch, rng, encoder_variables, *, encoder: nn
   images = preprocess(batch['image'], step_rng, pixel_mean=pixel_mean, pixel_std=pixel_std,
                       augment=augment, crop_padding=crop_padding)
   features = jax.lax.stop_gradient(encoder.apply(encoder_variables, images, train=False))
-  labels = batch['label']
+  return head_update(state, features, batch['label'], head=head,
+                     learning_rate_fn=learning_rate_fn)
+
+
+def head_update(state: TrainState, features, labels, *, head: nn.Module,
+                learning_rate_fn: Callable):
+  """One SGD step of the head on given features: stage 2's update, shared with the
+  cached-features step (feature_cache.head_step)."""
   (loss, logits), grads = jax.value_and_grad(stage2_loss, has_aux=True)(
       state.params, features, labels, head=head)
   new_state = guarded_update(state, state.apply_gradients(grads=grads), loss, grads)
