@@ -155,7 +155,8 @@ def build_step(stage: str, config, shape: tuple[int, int, int], num_classes: int
   channels = shape[-1]
   data_info = {'pixel_mean': [_PIXEL_MEAN] * channels, 'pixel_std': [_PIXEL_STD] * channels,
                'counts': {'train': [1] * num_classes}}
-  preprocess_kwargs = stages.preprocess_kwargs(config, data_info)
+  preprocess_kwargs = stages.preprocess_kwargs(config)
+  pixel_stats = stages.pixel_stats(data_info)
   replicated = sharding.replicated(mesh)
   rng = jax.device_put(jax.random.key(config.seed), replicated)
   variables = _variables_initializer(mesh)(rng, model=model, shape=shape)
@@ -165,7 +166,7 @@ def build_step(stage: str, config, shape: tuple[int, int, int], num_classes: int
                     out_shardings=replicated)(variables, rng)
     step_fn = stages.stage1_step_fn(config, model, data_info, _NOMINAL_STEPS_PER_EPOCH,
                                    learning_rate_fn)
-    jitted, extra_args = stages.jit_train_step(step_fn, mesh), ()
+    step, extra_args = stages.jit_train_step(step_fn, mesh, pixel_stats=pixel_stats), ()
   else:
     frozen = encoder_variables(variables['params'], variables['batch_stats'])
     head = LinearHead(num_classes)
@@ -179,7 +180,8 @@ def build_step(stage: str, config, shape: tuple[int, int, int], num_classes: int
     state = jax.jit(init, out_shardings=replicated)(rng)
     step_fn = functools.partial(steps_lib.stage2_step, encoder=encoder, head=head,
                                 learning_rate_fn=learning_rate_fn, **preprocess_kwargs)
-    jitted, extra_args = stages.jit_train_step(step_fn, mesh, num_extra_args=1), (frozen,)
+    step, extra_args = stages.jit_train_step(step_fn, mesh, num_extra_args=1,
+                                             pixel_stats=pixel_stats), (frozen,)
 
   # This process's rows of the global batch, as train.py's input pipeline delivers them.
   local_batch = config.batch_size // jax.process_count()
@@ -188,7 +190,8 @@ def build_step(stage: str, config, shape: tuple[int, int, int], num_classes: int
       'image': host_rng.integers(0, 256, (local_batch,) + shape, dtype=np.uint8),
       'label': host_rng.integers(0, num_classes, local_batch, dtype=np.int32)}, mesh)
   step_rng = jax.device_put(jax.random.key(config.seed + 1), replicated)
-  return jitted, (state, batch, step_rng) + extra_args
+  # The jitted function itself (for lower()), and every argument, the pixel statistics last.
+  return step.fn, (state, batch, step_rng) + extra_args + step.trailing
 
 
 def _time_compiled(compiled, args, steps: int, warmup: int) -> list[float]:

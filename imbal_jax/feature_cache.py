@@ -14,7 +14,7 @@ rounding: same batches, same initial head, same updates.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -25,18 +25,22 @@ from imbal_jax.data import pipeline
 from imbal_jax.data.sources import Split
 
 
-def trunk_fn(trunk: nn.Module, mesh, *, pixel_mean: Sequence[float],
-             pixel_std: Sequence[float], augment: str, crop_padding: int) -> Callable:
+def trunk_fn(trunk: nn.Module, mesh, pixel_stats: tuple[Any, Any], *, augment: str,
+             crop_padding: int) -> Callable:
   """Jitted (variables, uint8 images, rng or None) -> the trunk's outputs, replicated.
 
-  With rng None the images are not augmented (view 0).
+  With rng None the images are not augmented (view 0). `pixel_stats` (mean, std)
+  are arguments of the compiled program, as in stages.jit_train_step.
   """
-  def outputs(variables, images, rng):
+  def outputs(variables, images, rng, pixel_mean, pixel_std):
     x = steps.preprocess(images, rng, pixel_mean=pixel_mean, pixel_std=pixel_std,
                          augment=augment, crop_padding=crop_padding)
     return trunk.apply(variables, x, train=False)
 
-  return jax.jit(outputs, out_shardings=sharding.replicated(mesh))
+  jitted = jax.jit(outputs, out_shardings=sharding.replicated(mesh))
+  mean, std = sharding.put_replicated(
+      tuple(np.asarray(x, np.float32) for x in pixel_stats), mesh)
+  return lambda variables, images, rng: jitted(variables, images, rng, mean, std)
 
 
 def compute_features(outputs_fn: Callable, variables, split: Split, *, batch_size: int, mesh,

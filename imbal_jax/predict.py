@@ -150,10 +150,8 @@ def _build_model(run_dir: pathlib.Path, config: dict, data: dict, mesh: Mesh | N
   except Exception as error:  # orbax raises many types for a damaged or mismatched checkpoint
     raise PredictError(f'{run_dir / "best"}: cannot restore the selected checkpoint '
                        f'({type(error).__name__}: {error}).') from error
-  probabilities_fn = jax.jit(
-      functools.partial(steps.eval_step, logits_fn=logits_fn,
-                        pixel_mean=tuple(data['pixel_mean']), pixel_std=tuple(data['pixel_std'])),
-      in_shardings=(replicated, sharding.data_sharding(mesh)), out_shardings=replicated)
+  probabilities_fn = steps.jit_eval_step(logits_fn, mesh,
+                                         (data['pixel_mean'], data['pixel_std']))
   return Model(run_dir, config['stage'], class_names, image_shape, _eval_batch_size(config),
                selection, variables, mesh, probabilities_fn)
 

@@ -64,16 +64,51 @@ def make_optimizer(config, steps_per_epoch: int) -> tuple[optax.GradientTransfor
   return tx, learning_rate_fn
 
 
-def jit_train_step(step_fn, mesh, num_extra_args: int = 0):
+@dataclasses.dataclass(frozen=True)
+class WithTrailingArgs:
+  """`fn(*args, *trailing)`: a jitted function with its last arguments supplied."""
+  fn: Callable
+  trailing: tuple
+
+  def __call__(self, *args):
+    return self.fn(*args, *self.trailing)
+
+
+def jit_train_step(step_fn, mesh, num_extra_args: int = 0, pixel_stats=None):
+  """`step_fn(state, batch, rng, *extra)` jitted for the mesh, the state donated.
+
+  With `pixel_stats` (from `pixel_stats(data_info)`), `step_fn` also takes
+  `pixel_mean=` and `pixel_std=`; they reach the compiled step as arguments, not
+  as constants baked into it, so one compiled program serves every seed and
+  data subset of the same shapes (and hits the persistent compilation cache
+  across them). The result is then a WithTrailingArgs that still takes
+  (state, batch, rng, *extra).
+  """
   repl, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
-  return jax.jit(step_fn, donate_argnums=0,
-                 in_shardings=(repl, data, repl) + (repl,) * num_extra_args,
-                 out_shardings=(repl, repl))
+  num_stats = 0 if pixel_stats is None else 2
+  in_shardings = (repl, data, repl) + (repl,) * (num_extra_args + num_stats)
+  if pixel_stats is None:
+    return jax.jit(step_fn, donate_argnums=0, in_shardings=in_shardings,
+                   out_shardings=(repl, repl))
+
+  def with_stats(state, batch, rng, *extra_then_stats):
+    *extra, pixel_mean, pixel_std = extra_then_stats
+    return step_fn(state, batch, rng, *extra, pixel_mean=pixel_mean, pixel_std=pixel_std)
+
+  jitted = jax.jit(with_stats, donate_argnums=0, in_shardings=in_shardings,
+                   out_shardings=(repl, repl))
+  return WithTrailingArgs(jitted, tuple(sharding.put_replicated(tuple(pixel_stats), mesh)))
 
 
-def preprocess_kwargs(config, data_info):
-  return dict(pixel_mean=tuple(data_info['pixel_mean']), pixel_std=tuple(data_info['pixel_std']),
-              augment=config.augment, crop_padding=config.crop_padding)
+def pixel_stats(data_info) -> tuple[np.ndarray, np.ndarray]:
+  """The training split's per-channel pixel mean and std (train.describe_data), float32."""
+  return (np.asarray(data_info['pixel_mean'], np.float32),
+          np.asarray(data_info['pixel_std'], np.float32))
+
+
+def preprocess_kwargs(config):
+  """The compile-time preprocessing choices (the pixel statistics are arguments)."""
+  return dict(augment=config.augment, crop_padding=config.crop_padding)
 
 
 def stage1_state(variables, tx, rng, num_classes: int, projection_dim: int) -> steps.TrainState:
@@ -85,7 +120,8 @@ def stage1_state(variables, tx, rng, num_classes: int, projection_dim: int) -> s
 
 
 def stage1_step_fn(config, model, data_info, steps_per_epoch: int, learning_rate_fn):
-  """steps.stage1_step with everything the config chooses bound (before jit)."""
+  """steps.stage1_step with everything the config chooses bound (before jit), except
+  the pixel statistics: jit it with `jit_train_step(..., pixel_stats=pixel_stats(data_info))`."""
   return functools.partial(
       steps.stage1_step, model=model, contrastive_weight=config.contrastive_weight,
       learning_rate_fn=learning_rate_fn, num_views=config.num_views,
@@ -94,7 +130,7 @@ def stage1_step_fn(config, model, data_info, steps_per_epoch: int, learning_rate
       classification_loss=objectives.classification_loss(
           config, data_info['counts']['train'], steps_per_epoch),
       metric_loss=objectives.metric_loss(config),
-      **preprocess_kwargs(config, data_info))
+      **preprocess_kwargs(config))
 
 
 def build_stage1(config, dataset: sources.Dataset, data_info, mesh, steps_per_epoch) -> Stage:
@@ -113,7 +149,7 @@ def build_stage1(config, dataset: sources.Dataset, data_info, mesh, steps_per_ep
       jax.random.key(config.seed))
   step_fn = stage1_step_fn(config, model, data_info, steps_per_epoch, learning_rate_fn)
   return Stage(
-      state=state, train_step=jit_train_step(step_fn, mesh),
+      state=state, train_step=jit_train_step(step_fn, mesh, pixel_stats=pixel_stats(data_info)),
       eval_variables=lambda s: {'params': s.params, 'batch_stats': s.batch_stats},
       logits_fn=functools.partial(steps.stage1_logits, model=model),
       extra_report={})
@@ -134,7 +170,8 @@ def build_stage2(config, dataset: sources.Dataset, data_info, mesh, steps_per_ep
   frozen = classifiers.trunk_variables(method, stage1_variables)
   features = functools.partial(
       feature_cache.compute_features,
-      feature_cache.trunk_fn(trunk, mesh, **preprocess_kwargs(config, data_info)), frozen,
+      feature_cache.trunk_fn(trunk, mesh, pixel_stats(data_info), **preprocess_kwargs(config)),
+      frozen,
       batch_size=config.eval_batch_size, mesh=mesh, seed=config.seed)
   common = dict(
       eval_variables=lambda s: {'encoder': frozen, 'head': {'params': s.params}},
@@ -164,8 +201,8 @@ def build_stage2(config, dataset: sources.Dataset, data_info, mesh, steps_per_ep
                      batches, table, config.seed), **common)
   step_fn = functools.partial(steps.stage2_step, encoder=trunk, head=head,
                               learning_rate_fn=learning_rate_fn,
-                              **preprocess_kwargs(config, data_info))
-  jitted = jit_train_step(step_fn, mesh, num_extra_args=1)
+                              **preprocess_kwargs(config))
+  jitted = jit_train_step(step_fn, mesh, num_extra_args=1, pixel_stats=pixel_stats(data_info))
   return Stage(state=state, train_step=lambda s, batch, rng: jitted(s, batch, rng, frozen),
                **common)
 

@@ -15,10 +15,11 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax.training import train_state
 
-from imbal_jax import losses
+from imbal_jax import losses, sharding
 from imbal_jax.data import augment as augment_lib
 
 
@@ -258,6 +259,24 @@ def eval_step(variables, batch, *, logits_fn: Callable, pixel_mean: Sequence[flo
   """Class probabilities of a padded batch; the host keeps the rows 'mask' marks real."""
   images = augment_lib.normalize(batch['image'], pixel_mean, pixel_std)
   return jax.nn.softmax(logits_fn(variables, images).astype(jnp.float32), axis=-1)
+
+
+def jit_eval_step(logits_fn: Callable, mesh, pixel_stats) -> Callable:
+  """`eval_step` jitted for the mesh: (variables, global batch) -> replicated probabilities.
+
+  The pixel statistics (mean, std) are arguments of the compiled program, not
+  constants, so runs on other seeds or subsets of the same shapes share it.
+  """
+  def probabilities(variables, batch, pixel_mean, pixel_std):
+    return eval_step(variables, batch, logits_fn=logits_fn, pixel_mean=pixel_mean,
+                     pixel_std=pixel_std)
+
+  replicated = sharding.replicated(mesh)
+  jitted = jax.jit(probabilities, out_shardings=replicated,
+                   in_shardings=(replicated, sharding.data_sharding(mesh), replicated, replicated))
+  mean, std = sharding.put_replicated(
+      tuple(np.asarray(x, np.float32) for x in pixel_stats), mesh)
+  return lambda variables, batch: jitted(variables, batch, mean, std)
 
 
 def stage1_logits(variables, images, *, model: nn.Module):

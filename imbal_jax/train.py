@@ -12,7 +12,6 @@ evaluate the test split once, at the end, with that checkpoint.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import pathlib
 import platform
@@ -208,12 +207,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     for log in ('metrics.jsonl', 'val_metrics.jsonl'):
       workdir_lib.truncate_log(workdir / log, start_step)
 
-  eval_fn = jax.jit(
-      functools.partial(steps.eval_step, logits_fn=stage.logits_fn,
-                        pixel_mean=tuple(data_info['pixel_mean']),
-                        pixel_std=tuple(data_info['pixel_std'])),
-      in_shardings=(sharding.replicated(mesh), sharding.data_sharding(mesh)),
-      out_shardings=sharding.replicated(mesh))
+  eval_fn = steps.jit_eval_step(stage.logits_fn, mesh, stages.pixel_stats(data_info))
   rng = jax.random.key(config.seed + 1)
   metrics_log = reporting.MetricsLog(workdir / 'metrics.jsonl')
   val_log = reporting.MetricsLog(workdir / 'val_metrics.jsonl')

@@ -1,6 +1,7 @@
-"""Test set-up: 8 forced CPU devices and JAX's persistent compilation cache.
+"""Test set-up: 8 forced CPU devices, XLA's cheapest CPU code generation and JAX's
+persistent compilation cache.
 
-Both must be configured before JAX initialises its backends, hence at import.
+All must be configured before JAX initialises its backends, hence at import.
 """
 
 import os
@@ -9,8 +10,13 @@ import pathlib
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CACHE_DIR = pathlib.Path(os.environ.get('IMBAL_JAX_TEST_CACHE', ROOT / '.cache' / 'jax-tests'))
 NUM_DEVICES = 8
+# The suite compiles a few hundred small programs and runs each for a few steps, so
+# compiling dominates its time. Without LLVM's optimisations a tiny two-stage run
+# compiles in about half the time (measured: 37 s instead of 57 s from a cold cache)
+# and runs at about half the speed; results agree within float rounding.
+TEST_XLA_FLAGS = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
 
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + f' {TEST_XLA_FLAGS}'
                            f' --xla_force_host_platform_device_count={NUM_DEVICES}').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ['JAX_COMPILATION_CACHE_DIR'] = str(CACHE_DIR)
@@ -28,3 +34,17 @@ def devices():
   found = jax.devices()
   assert len(found) == NUM_DEVICES, f'expected {NUM_DEVICES} forced CPU devices, got {found}'
   return found
+
+
+def subprocess_env(num_devices: int, cache: bool = True) -> dict[str, str]:
+  """The environment of an imbal_jax command run by a test: `num_devices` forced CPU
+  devices, the suite's XLA flags and (with `cache`) its compilation cache."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS=f'{TEST_XLA_FLAGS} --xla_force_host_platform_device_count={num_devices}')
+  if cache:
+    env.update(JAX_COMPILATION_CACHE_DIR=str(CACHE_DIR),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  else:
+    env.pop('JAX_COMPILATION_CACHE_DIR', None)
+    env.pop('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', None)
+  return env

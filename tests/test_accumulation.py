@@ -122,7 +122,7 @@ def test_resnet_accumulation_compiles_once_and_averages_batch_norm_statistics(de
   chex.clear_trace_counter()
   counted = functools.partial(chex.assert_max_traces(bound.func, n=1), *bound.args,
                               **bound.keywords)
-  step = stages.jit_train_step(counted, mesh)
+  step = stages.jit_train_step(counted, mesh, pixel_stats=stages.pixel_stats(data_info))
   current = sharding.put_replicated(state, mesh)
   for seed in range(2):
     current, measurements = step(current, sharding.put_global_batch(make_batch(seed), mesh),

@@ -2,13 +2,12 @@
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from conftest import CACHE_DIR, NUM_DEVICES, ROOT
+from conftest import NUM_DEVICES, ROOT, subprocess_env
 from imbal_jax import benchmark, configuration
 
 # One tiny config for the in-process run and the command, so that the command
@@ -30,10 +29,7 @@ def stage1_config(preset='digits_lt', **overrides):
 
 
 def run_command(*args):
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={NUM_DEVICES}',
-             JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=str(CACHE_DIR),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
-  return subprocess.run([sys.executable, '-m', 'imbal_jax.benchmark', *args], cwd=ROOT, env=env,
+  return subprocess.run([sys.executable, '-m', 'imbal_jax.benchmark', *args], cwd=ROOT, env=subprocess_env(NUM_DEVICES),
                         capture_output=True, text=True, timeout=300)
 
 

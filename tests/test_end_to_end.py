@@ -1,7 +1,6 @@
 """Both stages through `python -m imbal_jax.main`, as a user runs them."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -10,18 +9,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import CACHE_DIR, ROOT
+from conftest import ROOT, subprocess_env
 
 TINY = ['--config.width=4', '--config.num_epochs=2', '--config.batch_size=32',
         '--config.eval_batch_size=64', '--config.log_every_steps=5']
 
 
 def run_main(config, workdir, *overrides, num_devices=8):
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={num_devices}'
-  env['JAX_PLATFORMS'] = 'cpu'
-  env['JAX_COMPILATION_CACHE_DIR'] = str(CACHE_DIR)
-  env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  env = subprocess_env(num_devices)
   result = subprocess.run(
       [sys.executable, '-m', 'imbal_jax.main', f'--config={config}', f'--workdir={workdir}',
        *TINY, *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

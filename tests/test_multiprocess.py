@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, subprocess_env
 from test_configuration import load_config
 from test_end_to_end import read_jsonl
 from imbal_jax import checkpoint, distributed, sharding, train, workdir
@@ -59,14 +59,10 @@ def start_processes(run_dir, output_dir, num_processes=2, devices_per_process=2)
 
   Output goes to files (a full pipe would block a process while the test waits).
   """
-  env = dict(os.environ)
-  # Every process compiles everything (no cache on multi-process CPU); XLA's cheaper
-  # CPU code generation halves that (82 s instead of about 150 s a launch, measured),
-  # and the losses still match the reference within 3e-7.
-  env.update(XLA_FLAGS=f'--xla_force_host_platform_device_count={devices_per_process} '
-                       '--xla_backend_optimization_level=0 '
-                       '--xla_llvm_disable_expensive_passes=true',
-             JAX_PLATFORMS='cpu')
+  # Every process compiles everything (imbal_jax turns the cache off for multi-process
+  # CPU runs); the suite's cheaper code generation (conftest.TEST_XLA_FLAGS) halves
+  # that, 82 s instead of about 150 s a launch (measured).
+  env = subprocess_env(devices_per_process, cache=False)
   address = f'localhost:{free_port()}'
   overrides = [f'--config.{k}={v}' for k, v in OVERRIDES.items()]
   output_dir.mkdir(parents=True)

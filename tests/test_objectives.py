@@ -1,5 +1,7 @@
 """The config's choice of losses reaches the step as the matching pure function."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -85,7 +87,9 @@ def test_two_views_and_class_centres_in_a_real_step():
   cfg = config(metric_loss='class_center', num_views=2, contrastive_weight=1.0, augment='crop',
                crop_padding=1)
   data_info = {'pixel_mean': [0.5], 'pixel_std': [0.25], 'counts': {'train': COUNTS}}
-  step = jax.jit(stages.stage1_step_fn(cfg, model, data_info, 10, optax.constant_schedule(0.1)))
+  step = jax.jit(functools.partial(
+      stages.stage1_step_fn(cfg, model, data_info, 10, optax.constant_schedule(0.1)),
+      pixel_mean=(0.5,), pixel_std=(0.25,)))
   rng = np.random.default_rng(0)
   batch = {'image': rng.integers(0, 256, (6, 8, 8, 1), dtype=np.uint8),
            'label': np.asarray([0, 0, 1, 1, 2, 2], np.int32)}

@@ -1,7 +1,6 @@
 """Faults really caused: kill -9, SIGTERM, NaN, corrupt checkpoints, config mix-ups."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -12,7 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import CACHE_DIR, ROOT
+from conftest import ROOT, subprocess_env
 from test_configuration import load_config
 from test_end_to_end import read_jsonl
 from imbal_jax import train, workdir
@@ -29,10 +28,7 @@ def command(run_dir):
 
 
 def environment():
-  env = dict(os.environ)
-  env.update(XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu',
-             JAX_COMPILATION_CACHE_DIR=str(CACHE_DIR), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
-  return env
+  return subprocess_env(2)
 
 
 def run_to_end(run_dir):

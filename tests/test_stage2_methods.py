@@ -276,8 +276,8 @@ class Pixels(nn.Module):
 def test_cached_views_are_the_plain_images_then_augmented_ones(reference):
   split = reference['dataset'].splits['val']
   mesh = sharding.make_mesh()
-  outputs_fn = feature_cache.trunk_fn(Pixels(), mesh, pixel_mean=(0.5,), pixel_std=(0.25,),
-                                      augment='crop+flip', crop_padding=1)
+  outputs_fn = feature_cache.trunk_fn(Pixels(), mesh, ((0.5,), (0.25,)), augment='crop+flip',
+                                      crop_padding=1)
   table = feature_cache.compute_features(outputs_fn, {}, split, batch_size=64, mesh=mesh,
                                          views=3, seed=0)
   images = reference['val']['images']
