@@ -91,21 +91,34 @@ def load_config_file(path: pathlib.Path, module_name: str):
   return module
 
 
+# The shared table of methods; not a data-set preset itself.
+STANDARD = 'standard'
+
+
 def preset_names() -> list[str]:
-  """The files of configs/experiments that define get_methods()."""
+  """The data-set presets: the files of configs/experiments other than standard.py."""
   return sorted(path.stem for path in EXPERIMENTS.glob('*.py')
-                if 'def get_methods(' in path.read_text())
+                if path.stem != STANDARD and not path.stem.startswith('_'))
 
 
 def load_methods(preset: str) -> list[Method]:
-  """configs/experiments/PRESET.py's methods, checked for shape and unique names."""
+  """configs/experiments/PRESET.py's methods, checked for shape and unique names.
+
+  A preset file that defines get_methods() lists its own; one that does not (a
+  docstring naming its data set) runs standard.py's standard_methods().
+  """
   names = preset_names()
   if preset not in names:
     raise ExperimentError(f'--preset={preset!r} is not known; choose one of {", ".join(names)} '
-                          f'(the files in {EXPERIMENTS} that define get_methods()).')
+                          f'(the files in {EXPERIMENTS}, standard.py aside).')
   methods = []
   module = load_config_file(EXPERIMENTS / f'{preset}.py', f'imbal_jax_experiment_{preset}')
-  for entry in module.get_methods():
+  if hasattr(module, 'get_methods'):
+    entries = module.get_methods()
+  else:
+    standard = load_config_file(EXPERIMENTS / f'{STANDARD}.py', 'imbal_jax_experiment_standard')
+    entries = standard.standard_methods()
+  for entry in entries:
     name = str(entry.get('name', ''))
     if (not NAME_PATTERN.fullmatch(name) or set(entry) != {'name', 'stage1', 'stage2'}
         or not isinstance(entry['stage1'], dict)

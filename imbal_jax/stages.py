@@ -125,8 +125,7 @@ def stage1_step_fn(config, model, data_info, steps_per_epoch: int, learning_rate
   return functools.partial(
       steps.stage1_step, model=model, contrastive_weight=config.contrastive_weight,
       learning_rate_fn=learning_rate_fn, num_views=config.num_views,
-      # Optional, so that a config built by hand with only the loss fields still works.
-      grad_accum_steps=config.get('grad_accum_steps', 1),
+      grad_accum_steps=config.grad_accum_steps,
       classification_loss=objectives.classification_loss(
           config, data_info['counts']['train'], steps_per_epoch),
       metric_loss=objectives.metric_loss(config),

@@ -133,6 +133,16 @@ def _check_finite(state, measurements, config, ckpt, workdir, done) -> int:
   return count
 
 
+class _NoBatches:
+  """The data iterator of a run with no training steps."""
+
+  def __next__(self):
+    raise StopIteration
+
+  def close(self):
+    pass
+
+
 def _fit_closed_form(stage: stages.Stage, ckpt, dataset: sources.Dataset, data_info,
                      config) -> steps.TrainState:
   """Fits a closed-form stage-2 classifier (tau-norm, NCM, post-hoc logit adjustment),
@@ -200,9 +210,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       raise
     print(f'Resuming {config.stage} from step {int(state.step)} ({workdir / "checkpoints"}).')
   start_step = int(state.step)
-  data_iterator = pipeline.train_iterator(
-      stage.batch_source(batches) if stage.batch_source else batches, config.data_workers,
-      start_step)
+  if stage.train_step is None:  # a closed-form stage 2: no steps, so no pipeline or workers
+    data_iterator = _NoBatches()
+  else:
+    data_iterator = pipeline.train_iterator(
+        stage.batch_source(batches) if stage.batch_source else batches, config.data_workers,
+        start_step)
   if is_writer:
     for log in ('metrics.jsonl', 'val_metrics.jsonl'):
       workdir_lib.truncate_log(workdir / log, start_step)

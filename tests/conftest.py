@@ -25,8 +25,31 @@ os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
 import jax  # noqa: E402  (after the environment above)
 import pytest  # noqa: E402
 
+from imbal_jax import sharding  # noqa: E402
+
 jax.config.update('jax_compilation_cache_dir', str(CACHE_DIR))
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+
+
+# The slowest files first. `make test` hands whole files to its two pytest-xdist
+# workers (--dist loadfile, so a module's fixtures run once), in this order; the
+# quick files then fill in, and both workers finish at about the same time.
+SLOW_FILES_FIRST = ('test_experiment.py', 'test_real_data.py', 'test_reliability.py',
+                    'test_end_to_end.py', 'test_predict.py', 'test_sources_end_to_end.py',
+                    'test_multiprocess.py', 'test_benchmark.py', 'test_accumulation.py',
+                    'test_stage2_methods.py', 'test_steps.py', 'test_precision.py')
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {name: index for index, name in enumerate(SLOW_FILES_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept
+
+
+def mesh_over_first(monkeypatch, count):
+  """train_and_evaluate's mesh over the first `count` of the 8 test devices."""
+  make_mesh = sharding.make_mesh
+  monkeypatch.setattr(sharding, 'make_mesh', lambda devices=None: make_mesh(
+      jax.devices()[:count] if devices is None else devices))
 
 
 @pytest.fixture(scope='session')

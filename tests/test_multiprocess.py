@@ -22,10 +22,10 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, mesh_over_first, subprocess_env
 from test_configuration import load_config
 from test_end_to_end import read_jsonl
-from imbal_jax import checkpoint, distributed, sharding, train, workdir
+from imbal_jax import checkpoint, distributed, train, workdir
 
 # Digits: 477 training images / 64 = 8 steps per epoch; 3 epochs leave room to
 # interrupt. ResNet-18 at width 4 is the cheapest model to compile. At the default
@@ -119,13 +119,6 @@ def wait_for_step(processes, log, step):
 
 def losses(run_dir):
   return {r['step']: r['loss'] for r in read_jsonl(run_dir / 'metrics.jsonl')}
-
-
-def mesh_over_first(monkeypatch, count):
-  """train_and_evaluate's mesh over the first `count` of the 8 test devices."""
-  make_mesh = sharding.make_mesh
-  monkeypatch.setattr(sharding, 'make_mesh', lambda devices=None: make_mesh(
-      jax.devices()[:count] if devices is None else devices))
 
 
 @pytest.fixture(scope='module')

@@ -18,7 +18,7 @@ COUNTS = [50, 20, 5]
 def config(**fields):
   base = dict(loss='ce', focal_gamma=2.0, cb_beta=0.99, ldam_max_margin=0.5, ldam_scale=1.0,
               drw_start_fraction=0.5, logit_adjust_tau=1.0, num_epochs=4, metric_loss='supcon',
-              temperature=0.1, margin=0.2, center_momentum=0.9)
+              temperature=0.1, margin=0.2, center_momentum=0.9, grad_accum_steps=1)
   base.update(fields)
   return ml_collections.ConfigDict(base)
 

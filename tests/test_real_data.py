@@ -26,10 +26,10 @@ SHORT = ['--config.model=resnet18', '--config.num_epochs=1', '--config.warmup_ep
 DEVICES = 2
 
 
-def two_stages(tmp_path, preset, *overrides):
+def two_stages(tmp_path, preset, *overrides, stage2=()):
   run_main(f'configs/stage1.py:{preset}', tmp_path / 'stage1', *SHORT, *overrides,
            num_devices=DEVICES)
-  run_main(f'configs/stage2.py:{preset}', tmp_path / 'stage2', *SHORT,
+  run_main(f'configs/stage2.py:{preset}', tmp_path / 'stage2', *SHORT, *stage2,
            f'--config.init_from={tmp_path / "stage1"}', num_devices=DEVICES)
   return [json.loads((tmp_path / s / 'report.json').read_text()) for s in ('stage1', 'stage2')]
 
@@ -52,7 +52,9 @@ def test_ham10000_two_stages(tmp_path):
                     '(apt-get install dataset-fashion-mnist)')
 def test_fashion_mnist_lt_two_stages(tmp_path):
   # A 3 % validation split (1,800 images) keeps the test quick; 10,000 test images stay.
-  stage1, stage2 = two_stages(tmp_path, 'fashion_mnist_lt', '--config.val_fraction=0.03')
+  # Stage 2 on cached features: the 14,600 training images pass the encoder once.
+  stage1, stage2 = two_stages(tmp_path, 'fashion_mnist_lt', '--config.val_fraction=0.03',
+                              stage2=['--config.cache_features=True'])
   counts = stage1['train_counts']
   assert counts[0] / counts[-1] == pytest.approx(100, rel=0.02)
   assert stage1['split_sizes']['test'] == 10_000

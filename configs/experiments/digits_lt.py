@@ -8,17 +8,7 @@ configs/stage1.py:digits_lt and configs/stage2.py:digits_lt, then writes
 comparison.md / .csv / .png and experiment.json in the workdir. Shorten it
 with e.g. `--methods=CE,CE+cRT,CE+0.5SupCon+cRT --override=num_epochs=5
 --override=stage1.warmup_epochs=1`.
+
+The methods are standard.py's table (this file defines no get_methods(); a
+preset that does lists its own).
 """
-
-import importlib.util
-import pathlib
-
-# Config files are loaded by path, not as a package.
-_spec = importlib.util.spec_from_file_location(
-    'imbal_jax_experiments_standard', pathlib.Path(__file__).with_name('standard.py'))
-standard = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(standard)
-
-
-def get_methods() -> list[dict]:
-  return standard.standard_methods()
