@@ -89,8 +89,10 @@ class Checkpoints:
     try:
       return action()
     except Exception as error:  # orbax re-raises tensorstore errors as ValueError
-      complete = self._latest.all_steps()
-      # What completed before the failure is kept; resuming starts from there.
+      # What completed before the failure is kept; resuming starts from there. The
+      # manager's own step list also has saves that were started and then failed
+      # (their '<step>.orbax-checkpoint-tmp' folders), so read the finished ones from disk.
+      complete = _finished_steps(self._latest.directory)
       resume = (f'a rerun resumes from step {max(complete)}, the last complete checkpoint'
                 if complete else 'no checkpoint of this run is complete yet')
       cause = 'the disk is full' if _is_disk_full(error) else (
@@ -142,6 +144,14 @@ class Checkpoints:
   def close(self) -> None:
     self._latest.close()
     self._best.close()
+
+
+def _finished_steps(directory) -> list[int]:
+  """Steps whose checkpoint folder orbax finalised (renamed from its temporary name)."""
+  try:
+    return sorted(int(path.name) for path in directory.iterdir() if path.name.isdigit())
+  except OSError:
+    return []
 
 
 def restore_best(manager_or_workdir, variables_like):

@@ -29,7 +29,8 @@ def stage1_config(preset='digits_lt', **overrides):
 
 
 def run_command(*args):
-  return subprocess.run([sys.executable, '-m', 'imbal_jax.benchmark', *args], cwd=ROOT, env=subprocess_env(NUM_DEVICES),
+  return subprocess.run([sys.executable, '-m', 'imbal_jax.benchmark', *args], cwd=ROOT,
+                        env=subprocess_env(NUM_DEVICES),
                         capture_output=True, text=True, timeout=300)
 
 

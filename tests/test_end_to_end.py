@@ -11,11 +11,17 @@ import pytest
 
 from conftest import ROOT, subprocess_env
 
-TINY = ['--config.width=4', '--config.num_epochs=2', '--config.batch_size=32',
-        '--config.eval_batch_size=64', '--config.log_every_steps=5']
+# ResNet-18 at width 4 compiles in half the time of ResNet-32. The same model, batch,
+# length and device count as test_reliability's runs: they share compiled programs
+# through the persistent cache.
+TINY = ['--config.model=resnet18', '--config.width=4', '--config.num_epochs=4',
+        '--config.batch_size=32', '--config.eval_batch_size=64', '--config.log_every_steps=5']
+STEPS_PER_EPOCH = 15  # 477 digits training images / 32
+TOTAL_STEPS = 4 * STEPS_PER_EPOCH
+DEVICES = 2
 
 
-def run_main(config, workdir, *overrides, num_devices=8):
+def run_main(config, workdir, *overrides, num_devices=DEVICES):
   env = subprocess_env(num_devices)
   result = subprocess.run(
       [sys.executable, '-m', 'imbal_jax.main', f'--config={config}', f'--workdir={workdir}',
@@ -70,7 +76,7 @@ def test_metrics_log_first_step_and_fields(runs):
   np.testing.assert_allclose(records[0]['loss'],
                              records[0]['ce'] + 0.5 * records[0]['contrastive'], rtol=1e-5)
   steps = [r['step'] for r in records]
-  assert steps == sorted(steps) and steps[-1] == 30  # 477 images / 32 -> 15 steps x 2 epochs
+  assert steps == sorted(steps) and steps[-1] == TOTAL_STEPS
   stage2 = read_jsonl(root / 'stage2' / 'metrics.jsonl')
   assert stage2[0]['step'] == 1 and 'contrastive' not in stage2[0]
 
@@ -96,27 +102,30 @@ def test_rerun_resumes_from_latest_checkpoint(runs, tmp_path):
   root = runs[0]
   workdir = tmp_path / 'stage1'
   shutil.copytree(root / 'stage1', workdir)
-  # Pretend the run died after epoch 1: drop the final checkpoint and the later log lines.
-  shutil.rmtree(workdir / 'checkpoints' / '30')
-  records = [r for r in read_jsonl(workdir / 'metrics.jsonl') if r['step'] <= 15]
+  # Pretend the run died after epoch 3: drop the final checkpoint and the later log lines.
+  resume_at = TOTAL_STEPS - STEPS_PER_EPOCH
+  shutil.rmtree(workdir / 'checkpoints' / str(TOTAL_STEPS))
+  records = [r for r in read_jsonl(workdir / 'metrics.jsonl') if r['step'] <= resume_at]
   (workdir / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
   out = run_main('configs/stage1.py', workdir, '--config.warmup_epochs=1')
-  assert 'Resuming stage1 from step 15' in out.stdout
+  assert f'Resuming stage1 from step {resume_at}' in out.stdout
   resumed = read_jsonl(workdir / 'metrics.jsonl')
-  assert [r['step'] for r in resumed if r['step'] > 15][0] == 20
-  assert (workdir / 'checkpoints' / '30').is_dir()
+  assert [r['step'] for r in resumed if r['step'] > resume_at][0] == resume_at + 5
+  assert (workdir / 'checkpoints' / str(TOTAL_STEPS)).is_dir()
   # Same batches, same RNG stream: the resumed run ends where the uninterrupted one did.
   original = {r['step']: r['loss'] for r in read_jsonl(root / 'stage1' / 'metrics.jsonl')}
-  np.testing.assert_allclose([r['loss'] for r in resumed if r['step'] > 15],
-                             [original[r['step']] for r in resumed if r['step'] > 15], rtol=1e-4)
+  after = [r for r in resumed if r['step'] > resume_at]
+  np.testing.assert_allclose([r['loss'] for r in after], [original[r['step']] for r in after],
+                             rtol=1e-4)
 
 
-def test_one_and_eight_devices_log_the_same_first_step_loss(runs, tmp_path):
+def test_one_and_two_devices_log_the_same_first_step_loss(runs, tmp_path):
+  # (test_steps compares 1 and 8 devices step by step, in-process.)
   root = runs[0]
   run_main('configs/stage1.py', tmp_path / 'one_device', '--config.warmup_epochs=1',
-           num_devices=1)
+           '--config.num_epochs=1', num_devices=1)
   one = read_jsonl(tmp_path / 'one_device' / 'metrics.jsonl')[0]
-  eight = read_jsonl(root / 'stage1' / 'metrics.jsonl')[0]
-  assert one['step'] == eight['step'] == 1
-  np.testing.assert_allclose(one['loss'], eight['loss'], atol=1e-4)
-  np.testing.assert_allclose(one['contrastive'], eight['contrastive'], atol=1e-4)
+  two = read_jsonl(root / 'stage1' / 'metrics.jsonl')[0]
+  assert one['step'] == two['step'] == 1
+  np.testing.assert_allclose(one['loss'], two['loss'], atol=1e-4)
+  np.testing.assert_allclose(one['contrastive'], two['contrastive'], atol=1e-4)

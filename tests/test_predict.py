@@ -29,8 +29,8 @@ def load_config(name):
   return module.get_config()
 
 
-TINY = dict(width=4, num_epochs=1, warmup_epochs=0, batch_size=32, eval_batch_size=64,
-            log_every_steps=5)
+TINY = dict(model='resnet18', width=4, num_epochs=1, warmup_epochs=0, batch_size=32,
+            eval_batch_size=64, log_every_steps=5)
 
 
 @pytest.fixture(scope='module')

@@ -19,7 +19,8 @@ FASHION_MNIST = pathlib.Path('/usr/share/datasets/fashion-mnist')
 # One epoch at batch 256 with light augmentation, ResNet-18 at width 4 (the cheapest
 # model to compile): the point is the real files through both stages, not accuracy,
 # and the suite must stay quick on 2 cores.
-SHORT = ['--config.model=resnet18', '--config.num_epochs=1', '--config.warmup_epochs=0', '--config.batch_size=256',
+SHORT = ['--config.model=resnet18', '--config.num_epochs=1', '--config.warmup_epochs=0',
+         '--config.batch_size=256',
          '--config.eval_batch_size=1024', '--config.log_every_steps=10', '--config.augment=flip']
 # Two forced devices keep the data-parallel path while sparing a 2-core machine the
 # overhead of eight.

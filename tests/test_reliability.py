@@ -13,13 +13,12 @@ import pytest
 
 from conftest import ROOT, subprocess_env
 from test_configuration import load_config
-from test_end_to_end import read_jsonl
+from test_end_to_end import DEVICES, STEPS_PER_EPOCH, TINY, read_jsonl
 from imbal_jax import train, workdir
 
-# 477 digits / 32 = 15 steps per epoch, 4 epochs: long enough to interrupt.
-ARGS = ['--config.width=4', '--config.num_epochs=4', '--config.warmup_epochs=1',
-        '--config.batch_size=32', '--config.eval_batch_size=64', '--config.log_every_steps=5']
-STEPS_PER_EPOCH = 15
+# test_end_to_end's tiny runs (so they share compiled programs): 477 digits / 32 = 15
+# steps per epoch, 4 epochs, long enough to interrupt.
+ARGS = TINY + ['--config.warmup_epochs=1']
 
 
 def command(run_dir):
@@ -28,7 +27,7 @@ def command(run_dir):
 
 
 def environment():
-  return subprocess_env(2)
+  return subprocess_env(DEVICES)
 
 
 def run_to_end(run_dir):
@@ -134,7 +133,7 @@ def test_workdir_with_other_config_is_refused_then_forced(uninterrupted, tmp_pat
 
 def nan_config():
   config = load_config('stage1')
-  config.update(width=4, num_epochs=1, warmup_epochs=0, batch_size=32, eval_batch_size=64,
+  config.update(model='resnet18', width=4, num_epochs=1, warmup_epochs=0, batch_size=32, eval_batch_size=64,
                 log_every_steps=5, learning_rate=1e30)
   return config
 

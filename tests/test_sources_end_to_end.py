@@ -10,8 +10,8 @@ from imbal_jax import prepare, train
 from test_configuration import load_config
 from test_readers import write_tiny_tfds
 
-TINY = dict(width=4, num_epochs=1, warmup_epochs=0, batch_size=16, eval_batch_size=16,
-            log_every_steps=5, augment='rrc+flip+vflip+rot90+jitter')
+TINY = dict(model='resnet18', width=4, num_epochs=1, warmup_epochs=0, batch_size=16,
+            eval_batch_size=16, log_every_steps=5, augment='rrc+flip+vflip+rot90+jitter')
 
 
 def write_class_folders(root, counts=(30, 12, 6)):
