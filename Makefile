@@ -27,12 +27,12 @@ demo: $(STAMP)
 	@echo
 	@echo "Reports: $(DEMO_DIR)/stage1/report.json (CE + SupCon encoder) and $(DEMO_DIR)/stage2/report.json (cRT head)"
 
-# Two pytest workers share the cores (tests/conftest.py keeps the tests of a file with
-# an expensive module fixture on one worker and starts the slowest first). The
-# multi-process tests then run alone, since their processes must meet within gloo's
-# fixed 30 s rendezvous limit.
+# Two pytest workers share the cores, each taking whole files (so a module's fixtures
+# run once), the slowest first (tests/conftest.py orders them). The multi-process
+# tests then run alone, since their processes must meet within gloo's fixed 30 s
+# rendezvous limit.
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadgroup -m 'not multiprocess'
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder -m 'not multiprocess'
 	$(BIN)/python -m pytest -m multiprocess
 
 clean:

@@ -31,26 +31,19 @@ jax.config.update('jax_compilation_cache_dir', str(CACHE_DIR))
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
 
 
-# `make test` runs two pytest-xdist workers with --dist loadgroup: the tests of a file
-# with an expensive module-scoped fixture stay on one worker (so the fixture runs
-# once), every other test goes wherever a worker is free. Slowest first, so that both
-# workers finish at about the same time.
-GROUPED_FILES = ('test_experiment.py', 'test_end_to_end.py', 'test_reliability.py',
-                 'test_predict.py', 'test_benchmark.py', 'test_stage2_methods.py',
-                 'test_steps.py', 'test_precision.py', 'test_objectives.py')
+# `make test` hands whole files to its two pytest-xdist workers (--dist loadfile, so a
+# module's fixtures run once) in collection order (--no-loadscope-reorder): each
+# worker starts with two files and takes the next when one is done. Slowest first,
+# so that both workers finish at about the same time.
 SLOW_FILES_FIRST = ('test_experiment.py', 'test_real_data.py', 'test_reliability.py',
                     'test_end_to_end.py', 'test_sources_end_to_end.py', 'test_predict.py',
-                    'test_multiprocess.py', 'test_benchmark.py', 'test_accumulation.py',
-                    'test_stage2_methods.py', 'test_steps.py', 'test_precision.py')
+                    'test_multiprocess.py', 'test_steps.py', 'test_benchmark.py',
+                    'test_accumulation.py', 'test_precision.py', 'test_stage2_methods.py')
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
   rank = {name: index for index, name in enumerate(SLOW_FILES_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept
-  for item in items:
-    if item.path.name in GROUPED_FILES:
-      item.add_marker(pytest.mark.xdist_group(item.path.stem))
 
 
 def mesh_over_first(monkeypatch, count):
