@@ -35,9 +35,9 @@ jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
 # module's fixtures run once) in collection order (--no-loadscope-reorder): each
 # worker starts with two files and takes the next when one is done. Slowest first,
 # so that both workers finish at about the same time.
-SLOW_FILES_FIRST = ('test_experiment.py', 'test_real_data.py', 'test_reliability.py',
-                    'test_end_to_end.py', 'test_sources_end_to_end.py', 'test_predict.py',
-                    'test_multiprocess.py', 'test_steps.py', 'test_benchmark.py',
+SLOW_FILES_FIRST = ('test_experiment.py', 'test_real_data_fashion.py', 'test_reliability.py',
+                    'test_real_data.py', 'test_end_to_end.py', 'test_sources_end_to_end.py',
+                    'test_predict.py', 'test_multiprocess.py', 'test_steps.py', 'test_benchmark.py',
                     'test_accumulation.py', 'test_precision.py', 'test_stage2_methods.py')
 
 

@@ -123,7 +123,7 @@ def test_one_and_two_devices_log_the_same_first_step_loss(runs, tmp_path):
   # (test_steps compares 1 and 8 devices step by step, in-process.)
   root = runs[0]
   run_main('configs/stage1.py', tmp_path / 'one_device', '--config.warmup_epochs=1',
-           '--config.num_epochs=1', num_devices=1)
+           '--config.num_epochs=2', num_devices=1)
   one = read_jsonl(tmp_path / 'one_device' / 'metrics.jsonl')[0]
   two = read_jsonl(root / 'stage1' / 'metrics.jsonl')[0]
   assert one['step'] == two['step'] == 1
