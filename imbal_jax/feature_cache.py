@@ -38,8 +38,7 @@ def trunk_fn(trunk: nn.Module, mesh, pixel_stats: tuple[Any, Any], *, augment: s
     return trunk.apply(variables, x, train=False)
 
   jitted = jax.jit(outputs, out_shardings=sharding.replicated(mesh))
-  mean, std = sharding.put_replicated(
-      tuple(np.asarray(x, np.float32) for x in pixel_stats), mesh)
+  mean, std = steps.put_pixel_stats(pixel_stats, mesh)
   return lambda variables, images, rng: jitted(variables, images, rng, mean, std)
 
 

@@ -97,7 +97,7 @@ def jit_train_step(step_fn, mesh, num_extra_args: int = 0, pixel_stats=None):
 
   jitted = jax.jit(with_stats, donate_argnums=0, in_shardings=in_shardings,
                    out_shardings=(repl, repl))
-  return WithTrailingArgs(jitted, tuple(sharding.put_replicated(tuple(pixel_stats), mesh)))
+  return WithTrailingArgs(jitted, steps.put_pixel_stats(pixel_stats, mesh))
 
 
 def pixel_stats(data_info) -> tuple[np.ndarray, np.ndarray]:

@@ -274,9 +274,14 @@ def jit_eval_step(logits_fn: Callable, mesh, pixel_stats) -> Callable:
   replicated = sharding.replicated(mesh)
   jitted = jax.jit(probabilities, out_shardings=replicated,
                    in_shardings=(replicated, sharding.data_sharding(mesh), replicated, replicated))
-  mean, std = sharding.put_replicated(
-      tuple(np.asarray(x, np.float32) for x in pixel_stats), mesh)
+  mean, std = put_pixel_stats(pixel_stats, mesh)
   return lambda variables, batch: jitted(variables, batch, mean, std)
+
+
+def put_pixel_stats(pixel_stats, mesh) -> tuple[jax.Array, jax.Array]:
+  """(mean, std), per channel, as float32 arrays replicated on the mesh: the pixel
+  statistics as arguments of a compiled step."""
+  return tuple(sharding.put_replicated(np.asarray(x, np.float32), mesh) for x in pixel_stats)
 
 
 def stage1_logits(variables, images, *, model: nn.Module):
