@@ -30,7 +30,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from imbal_jax import configuration, sharding, stages
+from imbal_jax import configuration, distributed, sharding, stages
 from imbal_jax import steps as steps_lib
 from imbal_jax.data import pipeline, sources
 from imbal_jax.models import (ARCHITECTURES, LinearHead, Stage1Net, encoder_variables,
@@ -321,6 +321,7 @@ def main(argv):
   config = FLAGS.config
   if FLAGS.batch_size is not None:
     config.batch_size = FLAGS.batch_size
+  distributed.use_cpu_cores([config.batch_size])  # on CPU, one device per core
   try:
     records = run(config, steps=FLAGS.steps, warmup=FLAGS.warmup, image_size=FLAGS.image_size,
                   num_classes=FLAGS.num_classes, dtype=FLAGS.dtype)

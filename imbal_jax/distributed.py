@@ -22,8 +22,10 @@ When to join:
 
 from __future__ import annotations
 
+import math
 import os
 import sys
+from typing import Sequence
 
 import jax
 
@@ -125,3 +127,45 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   print(f'imbal_jax: process {jax.process_index()} of {jax.process_count()} joined '
         f'(via {where}).', file=sys.stderr)
   return True
+
+
+def cpu_device_count(batch_sizes: Sequence[int], cores: int | None = None) -> int:
+  """The most CPU devices, at most one per core, whose count divides every batch size."""
+  cores = cores or len(os.sched_getaffinity(0))
+  common = math.gcd(*(int(size) for size in batch_sizes))
+  return max(count for count in range(1, max(cores, 1) + 1) if common % count == 0)
+
+
+def use_cpu_cores(batch_sizes: Sequence[int], cores: int | None = None) -> int | None:
+  """On CPU, one JAX device per core: the data-parallel step then uses every core.
+
+  XLA's CPU backend runs one device's convolutions on about one core, so a
+  single CPU device leaves the others idle; the batch is split over
+  `cpu_device_count(batch_sizes)` devices instead (JAX's `jax_num_cpu_devices`,
+  which does not touch GPU or TPU backends). Returns the count chosen, or None
+  where the user chose one (`JAX_NUM_CPU_DEVICES`, XLA_FLAGS'
+  `--xla_force_host_platform_device_count`) or JAX's backends already started.
+  Call it in a single-process run (`initialize` returned False), before
+  anything starts JAX's backends.
+  """
+  chosen = ('JAX_NUM_CPU_DEVICES' in os.environ or jax.config.jax_num_cpu_devices >= 0
+            or 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', ''))
+  if chosen:
+    return None
+  count = cpu_device_count(batch_sizes, cores)
+  try:
+    jax.config.update('jax_num_cpu_devices', count)
+  except RuntimeError:  # the backends have started: their device count stays
+    return None
+  return count
+
+
+def config_batch_sizes(config) -> list[int]:
+  """The batch sizes a run's devices must divide: the global batch, its micro-batches
+  under gradient accumulation, and the evaluation batch."""
+  sizes = [config.get(field) for field in ('batch_size', 'eval_batch_size')]
+  sizes = [int(size) for size in sizes if isinstance(size, int) and size > 0]
+  accum = config.get('grad_accum_steps') or 1
+  if sizes and accum > 1 and sizes[0] % accum == 0:
+    sizes.append(sizes[0] // accum)
+  return sizes or [1]

@@ -107,7 +107,13 @@ def _experiment_note(plan: Plan, command_line: str) -> str:
 def execute(plan: Plan, command_line: str = '') -> int:
   """Trains the pending runs in order; returns the exit status (0: every run finished)."""
   import jax  # after flag parsing, as in imbal_jax.main
-  from imbal_jax import checkpoint, train
+  from imbal_jax import checkpoint, distributed, train
+  distributed.use_cpu_cores([size for run in plan.runs
+                             for size in distributed.config_batch_sizes(run.config)])
+  if jax.config.jax_compilation_cache_dir is None:
+    # Runs of one method on other seeds compile the same programs: keep them on
+    # disk (JAX's in-memory cache does not carry over from one run to the next).
+    jax.config.update('jax_compilation_cache_dir', str(plan.workdir / 'jax_cache'))
   from imbal_jax.data.sources import DataError
 
   is_writer = jax.process_index() == 0

@@ -51,7 +51,9 @@ def main(argv):
   )
   try:
     # Several processes join before anything starts JAX's backends.
-    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    if not distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                                  FLAGS.process_id):
+      distributed.use_cpu_cores(distributed.config_batch_sizes(FLAGS.config))
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir, force=FLAGS.force)
   except tuple(kind for kind, _, _ in expected) as error:
     _, label, code = next(entry for entry in expected if isinstance(error, entry[0]))

@@ -1,0 +1,84 @@
+"""One JAX CPU device per core by default (distributed.use_cpu_cores)."""
+
+import os
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from conftest import ROOT, TEST_XLA_FLAGS
+from imbal_jax import distributed
+
+
+def slow_device_count(batch_sizes, cores):
+  """The obvious reference: try every count from `cores` down."""
+  for count in range(cores, 0, -1):
+    if all(size % count == 0 for size in batch_sizes):
+      return count
+  raise AssertionError('1 divides every batch')
+
+
+@pytest.mark.parametrize('batch_sizes, cores, expected', [
+    ([128, 256], 2, 2),
+    ([128, 256], 16, 16),
+    ([64, 96], 12, 8),  # gcd 32: 8 is its largest divisor up to 12
+    ([6], 4, 3),
+    ([7], 4, 1),
+    ([128, 256, 32], 64, 32),
+    ([5], 1, 1),
+])
+def test_cpu_device_count_is_the_largest_count_dividing_every_batch(batch_sizes, cores,
+                                                                    expected):
+  assert distributed.cpu_device_count(batch_sizes, cores) == expected
+  assert expected == slow_device_count(batch_sizes, cores)
+
+
+def test_cpu_device_count_defaults_to_the_cores_this_process_may_use():
+  cores = len(os.sched_getaffinity(0))
+  assert distributed.cpu_device_count([2 ** 10 * 3 ** 5 * 5 ** 3 * 7 ** 2]) == \
+      slow_device_count([2 ** 10 * 3 ** 5 * 5 ** 3 * 7 ** 2], cores)
+
+
+def test_config_batch_sizes_include_micro_batches_and_the_eval_batch():
+  config = ml_collections.ConfigDict({'batch_size': 128, 'eval_batch_size': 200,
+                                      'grad_accum_steps': 4})
+  assert distributed.config_batch_sizes(config) == [128, 200, 32]
+  config.grad_accum_steps = 1
+  assert distributed.config_batch_sizes(config) == [128, 200]
+  assert distributed.cpu_device_count(distributed.config_batch_sizes(config), 16) == 8
+
+
+PROBE = """
+import jax
+from imbal_jax import distributed
+{before}
+chosen = distributed.use_cpu_cores([6], cores=4)
+print(chosen, jax.device_count(), jax.default_backend())
+"""
+
+
+def probe(env_changes, before=''):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=TEST_XLA_FLAGS)
+  env.pop('JAX_NUM_CPU_DEVICES', None)
+  env.update(env_changes)
+  result = subprocess.run([sys.executable, '-c', PROBE.format(before=before)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr
+  return result.stdout.split()
+
+
+def test_a_cpu_run_gets_one_device_per_core_dividing_the_batch():
+  assert probe({}) == ['3', '3', 'cpu']
+
+
+@pytest.mark.parametrize('env_changes, devices', [
+    ({'JAX_NUM_CPU_DEVICES': '1'}, '1'),
+    ({'XLA_FLAGS': f'{TEST_XLA_FLAGS} --xla_force_host_platform_device_count=2'}, '2'),
+])
+def test_a_device_count_the_user_chose_is_kept(env_changes, devices):
+  assert probe(env_changes) == ['None', devices, 'cpu']
+
+
+def test_backends_already_started_keep_their_devices():
+  assert probe({}, before='jax.devices()') == ['None', '1', 'cpu']
