@@ -21,11 +21,16 @@ TOTAL_STEPS = 4 * STEPS_PER_EPOCH
 DEVICES = 2
 
 
+def main_command(config, workdir, *overrides):
+  """`python -m imbal_jax.main` with the tiny config (TINY) and `overrides`."""
+  return [sys.executable, '-m', 'imbal_jax.main', f'--config={config}', f'--workdir={workdir}',
+          *TINY, *overrides]
+
+
 def run_main(config, workdir, *overrides, num_devices=DEVICES):
-  env = subprocess_env(num_devices)
-  result = subprocess.run(
-      [sys.executable, '-m', 'imbal_jax.main', f'--config={config}', f'--workdir={workdir}',
-       *TINY, *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  result = subprocess.run(main_command(config, workdir, *overrides), cwd=ROOT,
+                          env=subprocess_env(num_devices), capture_output=True, text=True,
+                          timeout=600)
   assert result.returncode == 0, result.stderr[-4000:]
   return result
 

@@ -4,7 +4,6 @@ import json
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -13,17 +12,17 @@ import pytest
 
 from conftest import ROOT, subprocess_env
 from test_configuration import load_config
-from test_end_to_end import DEVICES, STEPS_PER_EPOCH, TINY, read_jsonl
+from test_end_to_end import DEVICES, STEPS_PER_EPOCH, TINY, main_command, read_jsonl, run_main
 from imbal_jax import train, workdir
 
 # test_end_to_end's tiny runs (so they share compiled programs): 477 digits / 32 = 15
 # steps per epoch, 4 epochs, long enough to interrupt.
-ARGS = TINY + ['--config.warmup_epochs=1']
+STAGE1 = ('configs/stage1.py', '--config.warmup_epochs=1')
 
 
 def command(run_dir):
-  return [sys.executable, '-m', 'imbal_jax.main', '--config=configs/stage1.py',
-          f'--workdir={run_dir}', *ARGS]
+  config, *overrides = STAGE1
+  return main_command(config, run_dir, *overrides)
 
 
 def environment():
@@ -31,10 +30,8 @@ def environment():
 
 
 def run_to_end(run_dir):
-  result = subprocess.run(command(run_dir), cwd=ROOT, env=environment(), capture_output=True,
-                          text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return result
+  config, *overrides = STAGE1
+  return run_main(config, run_dir, *overrides)
 
 
 def start_and_wait_for_checkpoint(run_dir, step):
@@ -118,7 +115,7 @@ def test_workdir_with_other_config_is_refused_then_forced(uninterrupted, tmp_pat
   run_dir = tmp_path / 'other'
   shutil.copytree(uninterrupted, run_dir)
   config = load_config('stage1')
-  for override in ARGS:
+  for override in [*TINY, *STAGE1[1:]]:
     field, value = override[len('--config.'):].split('=')
     config[field] = type(config[field])(value)
   config.temperature = 0.2
