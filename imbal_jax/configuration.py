@@ -5,6 +5,7 @@ Every problem is reported as one ConfigError naming the field and the fix.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import pathlib
 
@@ -20,6 +21,26 @@ STAGES = ('stage1', 'stage2')
 INHERITED_FIELDS = ('dataset', 'data_dir', 'data_path', 'labels_csv', 'tfds_name',
                     'image_size', 'imbalance_ratio', 'split_seed', 'val_fraction',
                     'test_fraction', 'model', 'width', 'projection_dim')
+
+
+# The config files (configs/stage1.py, configs/stage2.py, configs/experiments/).
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / 'configs'
+
+
+def load_config_file(path: pathlib.Path, module_name: str):
+  """A config file as a module, loaded by path as config files are (not as a package)."""
+  spec = importlib.util.spec_from_file_location(module_name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def default_config(stage: str) -> dict:
+  """configs/STAGE.py's config with no preset named, as a dict; {} without the file."""
+  path = CONFIGS / f'{stage}.py'
+  if stage not in STAGES or not path.is_file():
+    return {}
+  return load_config_file(path, f'imbal_jax_defaults_{stage}').get_config().to_dict()
 
 
 class ConfigError(ValueError):

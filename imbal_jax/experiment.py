@@ -42,7 +42,8 @@ def _check_finished(run: Run) -> None:
   saved = json.loads((run.directory / 'config.json').read_text())
   expected = configuration.resolve(run.config).to_dict()
   expected['init_from'] = saved.get('init_from', expected['init_from'])
-  workdir_lib.check_config(run.directory, expected, force=False)
+  workdir_lib.check_config(run.directory, expected, force=False,
+                           defaults=configuration.default_config(expected['stage']))
 
 
 def _machine() -> dict[str, Any]:

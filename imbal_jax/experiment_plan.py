@@ -19,7 +19,6 @@ import copy
 import dataclasses
 import difflib
 import hashlib
-import importlib.util
 import json
 import os
 import pathlib
@@ -29,7 +28,7 @@ from typing import Any, Sequence
 
 from imbal_jax import configuration
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / 'configs'
+CONFIGS = configuration.CONFIGS
 EXPERIMENTS = CONFIGS / 'experiments'
 STAGES = ('stage1', 'stage2')
 NAME_PATTERN = re.compile(r'[A-Za-z0-9][A-Za-z0-9+\-._=]*')
@@ -83,14 +82,6 @@ class Plan:
   results: dict[str, list[Run]]  # method name -> its result run per seed
 
 
-def load_config_file(path: pathlib.Path, module_name: str):
-  """A config file as a module, loaded by path as config files are (not as a package)."""
-  spec = importlib.util.spec_from_file_location(module_name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 # The shared table of methods; not a data-set preset itself.
 STANDARD = 'standard'
 
@@ -112,11 +103,13 @@ def load_methods(preset: str) -> list[Method]:
     raise ExperimentError(f'--preset={preset!r} is not known; choose one of {", ".join(names)} '
                           f'(the files in {EXPERIMENTS}, standard.py aside).')
   methods = []
-  module = load_config_file(EXPERIMENTS / f'{preset}.py', f'imbal_jax_experiment_{preset}')
+  module = configuration.load_config_file(EXPERIMENTS / f'{preset}.py',
+                                          f'imbal_jax_experiment_{preset}')
   if hasattr(module, 'get_methods'):
     entries = module.get_methods()
   else:
-    standard = load_config_file(EXPERIMENTS / f'{STANDARD}.py', 'imbal_jax_experiment_standard')
+    standard = configuration.load_config_file(EXPERIMENTS / f'{STANDARD}.py',
+                                              'imbal_jax_experiment_standard')
     entries = standard.standard_methods()
   for entry in entries:
     name = str(entry.get('name', ''))
@@ -244,8 +237,9 @@ def plan_experiment(preset: str, seeds: int, workdir: str | pathlib.Path,
     raise ExperimentError(f'--seeds={seeds}: give the number of seeds, at least 1.')
   methods = load_methods(preset)
   try:
-    bases = {stage: load_config_file(CONFIGS / f'{stage}.py', f'imbal_jax_experiment_{stage}'
-                                     ).get_config(preset) for stage in STAGES}
+    bases = {stage: configuration.load_config_file(
+        CONFIGS / f'{stage}.py', f'imbal_jax_experiment_{stage}').get_config(preset)
+             for stage in STAGES}
   except ValueError as error:
     raise ExperimentError(f'--preset={preset}: {error}') from None
   parsed = parse_overrides(overrides, bases)

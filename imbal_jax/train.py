@@ -176,7 +176,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       sharding.check_batch_size(config[field], mesh, f'config.{field}')
     except ValueError as error:
       raise configuration.ConfigError(str(error)) from None
-  workdir_lib.check_config(workdir, config.to_dict(), force)
+  workdir_lib.check_config(workdir, config.to_dict(), force,
+                           configuration.default_config(config.stage))
   is_writer = jax.process_index() == 0
 
   dataset = load_dataset(config, workdir)

@@ -40,15 +40,23 @@ class Preempted(Exception):
     self.step = step
 
 
-def check_config(workdir: pathlib.Path, config: dict, force: bool) -> None:
-  """Refuses a workdir whose saved config differs from `config` in a field that matters."""
+def check_config(workdir: pathlib.Path, config: dict, force: bool,
+                 defaults: dict | None = None) -> None:
+  """Refuses a workdir whose saved config differs from `config` in a field that matters.
+
+  A field the saved config lacks (a run written before the field existed)
+  agrees when `config` holds its value in `defaults`: a new field's default
+  keeps what earlier versions did.
+  """
   saved_path = workdir / 'config.json'
   if not saved_path.is_file():
     return
   saved = json.loads(saved_path.read_text())
+  defaults = defaults or {}
   keys = (set(saved) | set(config)) - HARMLESS_FIELDS
   differing = {k: (saved.get(k), config.get(k)) for k in sorted(keys)
-               if saved.get(k) != config.get(k)}
+               if saved.get(k) != config.get(k)
+               and not (k not in saved and k in defaults and config.get(k) == defaults[k])}
   if not differing or force:
     return
   lines = '\n'.join(f'  {k}: {old!r} in the workdir, {new!r} now'

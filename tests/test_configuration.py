@@ -94,3 +94,35 @@ def test_metric_only_encoder_needs_a_metric_loss_weight():
     configuration.resolve(config)
   config.contrastive_weight = 1.0
   assert not configuration.resolve(config).classification_trains_encoder
+
+
+def saved_run(tmp_path, config: dict):
+  (tmp_path / 'config.json').write_text(json.dumps(config))
+  return tmp_path
+
+
+@pytest.mark.parametrize('stage', ['stage1', 'stage2'])
+def test_default_config_is_the_config_file_with_no_preset(stage):
+  assert configuration.default_config(stage) == load_config(stage).to_dict()
+
+
+def test_a_run_written_before_a_field_existed_resumes_with_its_default(tmp_path):
+  from imbal_jax import workdir
+  config = load_config('stage1', 'ham10000').to_dict()
+  old = {k: v for k, v in config.items() if k not in ('batch_pairs', 'grad_accum_steps')}
+  run = saved_run(tmp_path, old)
+  defaults = configuration.default_config('stage1')
+  assert (defaults['batch_pairs'], defaults['grad_accum_steps']) == (False, 1)
+  workdir.check_config(run, config, force=False, defaults=defaults)  # no error
+  # Without the defaults, the missing fields differ.
+  with pytest.raises(workdir.WorkdirError, match=r'batch_pairs: None in the workdir, False now'):
+    workdir.check_config(run, config, force=False)
+  # A value other than the default is a different run.
+  with pytest.raises(workdir.WorkdirError,
+                     match=r'grad_accum_steps: None in the workdir, 2 now') as raised:
+    workdir.check_config(run, {**config, 'grad_accum_steps': 2}, force=False, defaults=defaults)
+  assert 'batch_pairs' not in str(raised.value)
+  # A field the saved run holds must agree, default or not.
+  run = saved_run(tmp_path, {**config, 'batch_pairs': True})
+  with pytest.raises(workdir.WorkdirError, match=r'batch_pairs: True in the workdir, False now'):
+    workdir.check_config(run, config, force=False, defaults=defaults)
