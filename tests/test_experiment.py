@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, mesh_over_first
-from imbal_jax import experiment, experiment_plan, train
+from imbal_jax import configuration, experiment, experiment_plan, train
 from imbal_jax import workdir as workdir_lib
 
 # ResNet-18 traces in about half the time of ResNet-32: these runs test the bookkeeping.
@@ -261,8 +261,7 @@ def test_command_line_reports_a_bad_method_with_status_2(tmp_path):
 
 def test_every_preset_plans_the_standard_table(tmp_path):
   assert experiment_plan.preset_names() == ['digits_lt', 'fashion_mnist_lt', 'ham10000']
-  has_stage2_method = 'stage2_method' in experiment_plan.load_config_file(
-      ROOT / 'configs' / 'stage2.py', 'stage2_for_test').get_config()
+  has_stage2_method = 'stage2_method' in configuration.default_config('stage2')
   stage2_variants = ['CE+tau-norm', 'CE+LWS', 'CE+NCM', 'CE+posthoc-LA']
   for preset in experiment_plan.preset_names():
     plan = experiment_plan.plan_experiment(preset, 1, tmp_path)
