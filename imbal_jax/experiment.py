@@ -105,16 +105,24 @@ def _experiment_note(plan: Plan, command_line: str) -> str:
   return f'\n## Experiment\n\n{note} Runs, their commands and wall times: experiment.json.\n'
 
 
+def keep_compiled_programs(workdir: pathlib.Path) -> None:
+  """JAX's persistent compilation cache in WORKDIR/jax_cache, unless one is configured.
+
+  Runs of one method on other seeds compile the same programs, but JAX's
+  in-memory cache does not carry over from one run to the next.
+  """
+  import jax
+  if jax.config.jax_compilation_cache_dir is None:
+    jax.config.update('jax_compilation_cache_dir', str(workdir / 'jax_cache'))
+
+
 def execute(plan: Plan, command_line: str = '') -> int:
   """Trains the pending runs in order; returns the exit status (0: every run finished)."""
   import jax  # after flag parsing, as in imbal_jax.main
   from imbal_jax import checkpoint, distributed, train
   distributed.use_cpu_cores([size for run in plan.runs
                              for size in distributed.config_batch_sizes(run.config)])
-  if jax.config.jax_compilation_cache_dir is None:
-    # Runs of one method on other seeds compile the same programs: keep them on
-    # disk (JAX's in-memory cache does not carry over from one run to the next).
-    jax.config.update('jax_compilation_cache_dir', str(plan.workdir / 'jax_cache'))
+  keep_compiled_programs(plan.workdir)
   from imbal_jax.data.sources import DataError
 
   is_writer = jax.process_index() == 0

@@ -1,4 +1,5 @@
-"""One JAX CPU device per core by default (distributed.use_cpu_cores)."""
+"""Defaults of the CPU commands: one JAX CPU device per core (distributed.use_cpu_cores)
+and, in an experiment, a compilation cache in its workdir."""
 
 import os
 import subprocess
@@ -82,3 +83,24 @@ def test_a_device_count_the_user_chose_is_kept(env_changes, devices):
 
 def test_backends_already_started_keep_their_devices():
   assert probe({}, before='jax.devices()') == ['None', '1', 'cpu']
+
+
+CACHE_PROBE = """
+import pathlib, jax
+from imbal_jax import experiment
+experiment.keep_compiled_programs(pathlib.Path({workdir!r}))
+print(jax.config.jax_compilation_cache_dir)
+"""
+
+
+@pytest.mark.parametrize('configured', [False, True])
+def test_an_experiment_keeps_compiled_programs_in_its_workdir(tmp_path, configured):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=TEST_XLA_FLAGS)
+  env.pop('JAX_COMPILATION_CACHE_DIR', None)
+  if configured:
+    env['JAX_COMPILATION_CACHE_DIR'] = str(tmp_path / 'mine')
+  result = subprocess.run([sys.executable, '-c', CACHE_PROBE.format(workdir=str(tmp_path))],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr
+  expected = tmp_path / ('mine' if configured else 'jax_cache')
+  assert result.stdout.split() == [str(expected)]
