@@ -17,12 +17,11 @@ from imbal_jax import train, workdir
 
 # test_end_to_end's tiny runs (so they share compiled programs): 477 digits / 32 = 15
 # steps per epoch, 4 epochs, long enough to interrupt.
-STAGE1 = ('configs/stage1.py', '--config.warmup_epochs=1')
+OVERRIDES = ('--config.warmup_epochs=1',)
 
 
 def command(run_dir):
-  config, *overrides = STAGE1
-  return main_command(config, run_dir, *overrides)
+  return main_command('configs/stage1.py', run_dir, *OVERRIDES)
 
 
 def environment():
@@ -30,8 +29,7 @@ def environment():
 
 
 def run_to_end(run_dir):
-  config, *overrides = STAGE1
-  return run_main(config, run_dir, *overrides)
+  return run_main('configs/stage1.py', run_dir, *OVERRIDES)
 
 
 def start_and_wait_for_checkpoint(run_dir, step):
@@ -115,7 +113,7 @@ def test_workdir_with_other_config_is_refused_then_forced(uninterrupted, tmp_pat
   run_dir = tmp_path / 'other'
   shutil.copytree(uninterrupted, run_dir)
   config = load_config('stage1')
-  for override in [*TINY, *STAGE1[1:]]:
+  for override in [*TINY, *OVERRIDES]:
     field, value = override[len('--config.'):].split('=')
     config[field] = type(config[field])(value)
   config.temperature = 0.2
