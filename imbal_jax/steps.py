@@ -117,6 +117,26 @@ def _merge(x):
   return x.swapaxes(0, 1).reshape((-1,) + x.shape[2:])
 
 
+def _tied(values):
+  """`values` unchanged, each now depending on all of them (an optimization barrier).
+
+  Used inside the first micro-batch loop to make the labels an output of the
+  loop. Otherwise the step's label-only cross-device reductions (the labels'
+  all-gather for the metric loss, the loss's normaliser) depend on no loop,
+  and XLA's CPU runtime may run one of them before a loop whose body also
+  reduces across devices (batch norm) on some devices and after it on others;
+  each then waits for the rest. On jax 0.10.2 with 8 CPU devices on 2 cores
+  this deadlocked ("Termination timeout for `all reduce ...`", then an abort)
+  in two runs of the test suite and in two of at most five runs of
+  tests/test_accumulation.py alone; tied, its ResNet test passed 12 runs of
+  12. Passing the labels through the loop untouched is
+  not enough: XLA forwards them around it. A barrier outside the loop is not
+  enough either: XLA removes barriers before it schedules, and with them the
+  order. tests/test_accumulation.py checks the compiled step for such pairs.
+  """
+  return jax.lax.optimization_barrier(values)
+
+
 def cached_stage1_gradients(params, batch_stats, images, labels, step, centers, *,
                             model: nn.Module, grad_accum_steps: int, **objective_kwargs):
   """`stage1_loss` and its parameter gradients, `grad_accum_steps` micro-batches at a time.
@@ -148,9 +168,14 @@ def cached_stage1_gradients(params, batch_stats, images, labels, step, centers, 
     return outputs, updates['batch_stats']
 
   # Pass 1: nothing is differentiated here, so no activation outlives its micro-batch.
-  _, (outputs, micro_stats) = jax.lax.scan(
-      lambda carry, micro: (carry, forward(params, micro)), None, micro_images)
-  logits, embeddings = _merge(outputs[0]), _merge(outputs[1])
+  # The labels leave the loop tied to its outputs (`_tied`).
+  def first_pass(carry, inputs):
+    micro, micro_labels = inputs
+    return carry, _tied((*forward(params, micro), micro_labels))
+
+  _, (outputs, micro_stats, micro_labels) = jax.lax.scan(
+      first_pass, None, (micro_images, _split(labels, grad_accum_steps)))
+  logits, embeddings, labels = _merge(outputs[0]), _merge(outputs[1]), _merge(micro_labels)
   (loss, aux), output_grads = jax.value_and_grad(
       stage1_objective, argnums=(0, 1), has_aux=True)(
           logits, embeddings, labels, step, centers, **objective_kwargs)

@@ -3,6 +3,7 @@
 import functools
 import importlib.util
 import json
+import re
 
 import chex
 import flax.linen as nn
@@ -163,3 +164,102 @@ def test_stage2_refuses_accumulation(tmp_path):
   config = load_config('stage2', init_from=str(stage1_dir), grad_accum_steps=2)
   with pytest.raises(configuration.ConfigError, match=r'config\.grad_accum_steps=2: .* stage 1'):
     configuration.resolve(config)
+
+
+COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
+INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = .*?\s([a-z][\w\-]*)\((.*)$')
+CALLED = re.compile(r'\b(?:calls|to_apply|body|condition|branch_computations)=\{?([^,}]+(?:, %[^,}]+)*)')
+
+
+def computations(hlo_text):
+  """{name: [(instruction, opcode, rest of line)]} of an HLO module's text, and the entry's name."""
+  found, entry, current = {}, None, None
+  for line in hlo_text.splitlines():
+    header = re.match(r'^(ENTRY )?%([\w.\-]+) .*\{$', line)
+    if header:
+      current = found.setdefault(header.group(2), [])
+      entry = header.group(2) if header.group(1) else entry
+    elif current is not None and (match := INSTRUCTION.match(line)):
+      current.append(match.groups())
+  return found, entry
+
+
+def unordered_collectives(hlo_text):
+  """In an optimised HLO module: the entry's loops whose body reduces across
+  devices, its top-level collectives, and the (collective, loop) pairs of which
+  neither depends on the other, so that a device may run them in either order."""
+  found, entry = computations(hlo_text)
+
+  def has_collective(name, seen=()):
+    for _, opcode, rest in found.get(name, []):
+      if opcode.removesuffix('-start') in COLLECTIVES:
+        return True
+      for called in CALLED.findall(rest):
+        for callee in re.findall(r'%?([\w.\-]+)', called):
+          if callee not in seen and has_collective(callee, seen + (name,)):
+            return True
+    return False
+
+  instructions = {name: rest for name, _, rest in found[entry]}
+  operands = {name: set(re.findall(r'%([\w.\-]+)', rest)) & instructions.keys()
+              for name, rest in instructions.items()}
+
+  def ancestors(name):
+    seen, todo = set(), [name]
+    while todo:
+      for operand in operands[todo.pop()] - seen:
+        seen.add(operand)
+        todo.append(operand)
+    return seen
+
+  loops = [name for name, opcode, rest in found[entry] if opcode == 'while'
+           and any(has_collective(callee) for callee in re.findall(r'body=%([\w.\-]+)', rest))]
+  collectives = [name for name, opcode, _ in found[entry]
+                 if opcode.removesuffix('-start') in COLLECTIVES]
+  unordered = [(collective, loop) for loop in loops for collective in collectives
+               if loop not in ancestors(collective) and collective not in ancestors(loop)]
+  return loops, collectives, unordered
+
+
+def compiled_accumulating_step(devices, **overrides):
+  """The optimised HLO text of a ResNet stage-1 step with 2 micro-batches on the 8 devices."""
+  mesh = sharding.make_mesh(devices)
+  config = configuration.resolve(load_config('stage1', width=4, projection_dim=8,
+                                             batch_size=BATCH, grad_accum_steps=2,
+                                             augment='none', **overrides))
+  model = Stage1Net(encoder=make_encoder('resnet32', 4, 8), num_classes=NUM_CLASSES,
+                    projection_dim=8)
+  tx, learning_rate_fn = stages.make_optimizer(config, steps_per_epoch=10)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)
+  state = stages.stage1_state(variables, tx, jax.random.key(1), NUM_CLASSES, 8)
+  data_info = {'pixel_mean': [0.3], 'pixel_std': [0.2], 'counts': {'train': [20] * NUM_CLASSES}}
+  step = stages.jit_train_step(
+      stages.stage1_step_fn(config, model, data_info, 10, learning_rate_fn), mesh,
+      pixel_stats=stages.pixel_stats(data_info))
+  return step.fn.lower(sharding.put_replicated(state, mesh),
+                       sharding.put_global_batch(make_batch(0), mesh),
+                       jax.random.key(2), *step.trailing).compile().as_text()
+
+
+@pytest.mark.parametrize('overrides', [
+    {},  # CE + SupCon, the test_resnet_accumulation step
+    {'loss': 'ldam_drw', 'metric_loss': 'class_center', 'num_views': 2},
+])
+def test_accumulation_leaves_no_reduction_unordered_against_a_loop(devices, overrides):
+  """Regression test for a deadlock of the accumulating step on XLA:CPU
+  (`steps._tied`): a top-level cross-device reduction that neither depends on a
+  loop that reduces inside nor feeds it ran in a different order against the
+  loop on different devices, and each waited for the rest."""
+  loops, collectives, unordered = unordered_collectives(
+      compiled_accumulating_step(devices, **overrides))
+  assert len(loops) == 2, 'expected the two micro-batch loops, each reducing batch norm'
+  assert collectives, 'expected cross-device reductions outside the loops'
+  assert not unordered, f'collectives that may run in either order with a loop: {unordered}'
+
+
+def test_the_order_check_finds_the_pairs_of_an_untied_step(devices, monkeypatch):
+  """Without `steps._tied`, the same step has unordered pairs (jax 0.10.2): the
+  check above can see them."""
+  monkeypatch.setattr(steps, '_tied', lambda values: values)
+  loops, _, unordered = unordered_collectives(compiled_accumulating_step(devices))
+  assert len(loops) == 2 and unordered
