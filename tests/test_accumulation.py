@@ -168,7 +168,8 @@ def test_stage2_refuses_accumulation(tmp_path):
 
 COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
 INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = .*?\s([a-z][\w\-]*)\((.*)$')
-CALLED = re.compile(r'\b(?:calls|to_apply|body|condition|branch_computations)=\{?([^,}]+(?:, %[^,}]+)*)')
+CALLED = re.compile(
+    r'\b(?:calls|to_apply|body|condition|branch_computations)=\{?([^,}]+(?:, %[^,}]+)*)')
 
 
 def computations(hlo_text):
