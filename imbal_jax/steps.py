@@ -127,12 +127,12 @@ def _tied(values):
   reduces across devices (batch norm) on some devices and after it on others;
   each then waits for the rest. On jax 0.10.2 with 8 CPU devices on 2 cores
   this deadlocked ("Termination timeout for `all reduce ...`", then an abort)
-  in two runs of the test suite and in two of at most five runs of
-  tests/test_accumulation.py alone; tied, its ResNet test passed 12 runs of
-  12. Passing the labels through the loop untouched is
-  not enough: XLA forwards them around it. A barrier outside the loop is not
-  enough either: XLA removes barriers before it schedules, and with them the
-  order. tests/test_accumulation.py checks the compiled step for such pairs.
+  in a run of the test suite and in two of at most five runs of
+  tests/test_accumulation.py alone; tied, its ResNet test passed 12 runs of 12.
+  Passing the labels through the loop untouched is not enough: XLA forwards
+  them around it. A barrier outside the loop is not enough either: XLA removes
+  barriers before it schedules, and with them the order.
+  tests/test_accumulation.py checks the compiled step for such pairs.
   """
   return jax.lax.optimization_barrier(values)
 
