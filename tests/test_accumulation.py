@@ -93,6 +93,28 @@ def stem_statistics(images, kernel):
              for dy in range(3) for dx in range(3))
 
 
+DATA_INFO = {'pixel_mean': [0.3], 'pixel_std': [0.2], 'counts': {'train': [20] * NUM_CLASSES}}
+
+
+def resnet_step_fn(**overrides):
+  """(host initial state, bound stage-1 step) of a width-4 ResNet-32 on 8x8 images,
+  2 micro-batches per step: train.py's step function, not yet jitted."""
+  config = configuration.resolve(load_config('stage1', width=4, projection_dim=8,
+                                             batch_size=BATCH, grad_accum_steps=2,
+                                             augment='none', **overrides))
+  model = Stage1Net(encoder=make_encoder('resnet32', 4, 8), num_classes=NUM_CLASSES,
+                    projection_dim=8)
+  tx, learning_rate_fn = stages.make_optimizer(config, steps_per_epoch=10)
+
+  @jax.jit
+  def init(rng):
+    variables = model.init(rng, jnp.zeros((1, 8, 8, 1)), train=False)
+    return stages.stage1_state(variables, tx, jax.random.fold_in(rng, 1), NUM_CLASSES, 8)
+
+  return (jax.device_get(init(jax.random.key(0))),
+          stages.stage1_step_fn(config, model, DATA_INFO, 10, learning_rate_fn))
+
+
 def test_resnet_accumulation_compiles_once_and_averages_batch_norm_statistics(devices):
   """Real ResNet-32 with batch norm, 2 micro-batches over 8 devices.
 
@@ -104,26 +126,12 @@ def test_resnet_accumulation_compiles_once_and_averages_batch_norm_statistics(de
   micro-batch means).
   """
   mesh = sharding.make_mesh(devices)
-  config = load_config('stage1', width=4, projection_dim=8, batch_size=BATCH,
-                       grad_accum_steps=2, augment='none')
-  config = configuration.resolve(config)
-  model = Stage1Net(encoder=make_encoder('resnet32', 4, 8), num_classes=NUM_CLASSES,
-                    projection_dim=8)
-  tx, learning_rate_fn = stages.make_optimizer(config, steps_per_epoch=10)
-
-  @jax.jit
-  def init(rng):
-    variables = model.init(rng, jnp.zeros((1, 8, 8, 1)), train=False)
-    return stages.stage1_state(variables, tx, jax.random.fold_in(rng, 1), NUM_CLASSES, 8)
-
-  state = jax.device_get(init(jax.random.key(0)))
-  data_info = {'pixel_mean': [0.3], 'pixel_std': [0.2], 'counts': {'train': [20] * NUM_CLASSES}}
-  bound = stages.stage1_step_fn(config, model, data_info, 10, learning_rate_fn)
+  state, bound = resnet_step_fn()
   assert bound.keywords['grad_accum_steps'] == 2
   chex.clear_trace_counter()
   counted = functools.partial(chex.assert_max_traces(bound.func, n=1), *bound.args,
                               **bound.keywords)
-  step = stages.jit_train_step(counted, mesh, pixel_stats=stages.pixel_stats(data_info))
+  step = stages.jit_train_step(counted, mesh, pixel_stats=stages.pixel_stats(DATA_INFO))
   current = sharding.put_replicated(state, mesh)
   for seed in range(2):
     current, measurements = step(current, sharding.put_global_batch(make_batch(seed), mesh),
@@ -223,20 +231,10 @@ def unordered_collectives(hlo_text):
 
 
 def compiled_accumulating_step(devices, **overrides):
-  """The optimised HLO text of a ResNet stage-1 step with 2 micro-batches on the 8 devices."""
+  """The optimised HLO text of `resnet_step_fn`'s step, jitted for the 8 devices."""
   mesh = sharding.make_mesh(devices)
-  config = configuration.resolve(load_config('stage1', width=4, projection_dim=8,
-                                             batch_size=BATCH, grad_accum_steps=2,
-                                             augment='none', **overrides))
-  model = Stage1Net(encoder=make_encoder('resnet32', 4, 8), num_classes=NUM_CLASSES,
-                    projection_dim=8)
-  tx, learning_rate_fn = stages.make_optimizer(config, steps_per_epoch=10)
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)
-  state = stages.stage1_state(variables, tx, jax.random.key(1), NUM_CLASSES, 8)
-  data_info = {'pixel_mean': [0.3], 'pixel_std': [0.2], 'counts': {'train': [20] * NUM_CLASSES}}
-  step = stages.jit_train_step(
-      stages.stage1_step_fn(config, model, data_info, 10, learning_rate_fn), mesh,
-      pixel_stats=stages.pixel_stats(data_info))
+  state, step_fn = resnet_step_fn(**overrides)
+  step = stages.jit_train_step(step_fn, mesh, pixel_stats=stages.pixel_stats(DATA_INFO))
   return step.fn.lower(sharding.put_replicated(state, mesh),
                        sharding.put_global_batch(make_batch(0), mesh),
                        jax.random.key(2), *step.trailing).compile().as_text()
