@@ -20,9 +20,35 @@ import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 ModuleDef = Any
+
+
+@jax.custom_jvp
+def relu_add(a, b):
+  """`relu(a + b)`, the end of every residual block, written as `max(a, -b) + b`.
+
+  The two are equal in floating point: where a > -b both round a + b, elsewhere
+  both give 0. The difference is for XLA. Written as relu(a + b), the block's
+  last operation is a maximum with one large operand, which XLA's fusion pass
+  considers free to recompute. It then recomputes each block's output, and
+  through the residual sums every earlier block's output of the stage, inside
+  every fusion that reads it (forward, relu masks, the copies feeding the filter
+  gradients): 6 batch norms, residual sums and relus in one fusion at the end of
+  a 5-block stage. Ending on an addition of two large operands makes XLA keep
+  the sum in memory once and read it from there (README, "Speed").
+  The derivative is relu's: 1 where the output is positive, 0 elsewhere.
+  """
+  return jnp.maximum(a, -b) + b
+
+
+@relu_add.defjvp
+def _relu_add_jvp(primals, tangents):
+  out = relu_add(*primals)
+  da, db = tangents
+  return out, jnp.where(out > 0, da + db, jnp.zeros_like(da))
 
 # Batch norm as every encoder here uses it. Checked in flax 0.12.8 (and in
 # tests/test_precision.py): with dtype=bfloat16 the running statistics, scale
@@ -57,7 +83,7 @@ class BasicBlock(nn.Module):
     elif residual.shape != y.shape:
       residual = self.conv(self.filters, (1, 1), (self.strides, self.strides))(residual)
       residual = self.norm()(residual)
-    return nn.relu(residual + y)
+    return relu_add(y, residual)
 
 
 class BottleneckBlock(nn.Module):
@@ -77,7 +103,7 @@ class BottleneckBlock(nn.Module):
     if residual.shape != y.shape:
       residual = self.conv(self.filters * 4, (1, 1), (self.strides, self.strides))(residual)
       residual = self.norm()(residual)
-    return nn.relu(residual + y)
+    return relu_add(y, residual)
 
 
 class ResNet(nn.Module):
