@@ -17,9 +17,13 @@ initialised frozen encoder, which costs the same as a trained one.
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import math
+import os
+import pathlib
+import re
 import sys
 import time
 from typing import Any
@@ -194,8 +198,8 @@ def build_step(stage: str, config, shape: tuple[int, int, int], num_classes: int
   return step.fn, (state, batch, step_rng) + extra_args + step.trailing
 
 
-def _time_compiled(compiled, args, steps: int, warmup: int) -> list[float]:
-  """Seconds of each of `steps` synchronised steps after `warmup` untimed ones."""
+def _time_compiled(compiled, args, steps: int, warmup: int) -> tuple[list[float], Any]:
+  """Seconds of each of `steps` synchronised steps after `warmup` untimed ones; the last state."""
   state, rest = args[0], args[1:]
   times = []
   for index in range(warmup + steps):
@@ -205,13 +209,51 @@ def _time_compiled(compiled, args, steps: int, warmup: int) -> list[float]:
     jax.block_until_ready(measurements)
     if index >= warmup:
       times.append(time.perf_counter() - start)
-  return times
+  return times, state
+
+
+# The flag that makes XLA's CPU runtime record one trace event per operation
+# (thunk); without it a CPU trace shows only whole executions.
+CPU_TRACE_FLAG = '--xla_cpu_enable_xprof_traceme=true'
+PROFILE_STEPS = 3
+
+
+def profile_compiled(compiled, args, trace_dir: str, top: int = 12) -> dict[str, Any]:
+  """Traces PROFILE_STEPS steps into `trace_dir` (for TensorBoard / XProf).
+
+  Returns the trace directory and the `top` operations of the compiled program
+  that took longest: [name without its numeric suffix, milliseconds per step
+  summed over devices and over the operations of that name]. The list is empty
+  where the trace has no per-operation events (on CPU, without CPU_TRACE_FLAG in
+  XLA_FLAGS when the backend started).
+  """
+  state, rest = args[0], args[1:]
+  with jax.profiler.trace(trace_dir):
+    for _ in range(PROFILE_STEPS):
+      state, measurements = compiled(state, *rest)
+      jax.block_until_ready(measurements)
+  names = set(re.findall(r'^\s+(?:ROOT )?%?([\w.\-]+) = ', compiled.as_text(), re.MULTILINE))
+  totals = collections.Counter()
+  traces = sorted(pathlib.Path(trace_dir).glob('**/*.xplane.pb'), key=os.path.getmtime)
+  if traces and hasattr(jax.profiler, 'ProfileData'):
+    profile = jax.profiler.ProfileData.from_file(str(traces[-1]))
+    for plane in profile.planes:
+      for line in plane.lines:
+        for event in line.events:
+          if event.name in names:
+            totals[re.sub(r'\.\d+$', '', event.name)] += event.duration_ns / 1e6 / PROFILE_STEPS
+  return {'trace_dir': str(trace_dir),
+          'top_ops_ms_per_step': [[name, round(ms, 2)] for name, ms in totals.most_common(top)]}
 
 
 def benchmark_step(stage: str, config, *, image_size: int | None = None, num_classes: int = 10,
                    steps: int = 20, warmup: int = 3, dtype: str | None = None,
-                   mesh=None) -> dict[str, Any]:
-  """Compiles and times `stage`'s train step on random data; one JSON-ready record."""
+                   mesh=None, profile_dir: str | None = None) -> dict[str, Any]:
+  """Compiles and times `stage`'s train step on random data; one JSON-ready record.
+
+  With `profile_dir`, PROFILE_STEPS more steps are traced into profile_dir/stage
+  after the timed ones, and the record's 'profile' holds profile_compiled's summary.
+  """
   if steps < 1 or warmup < 0:
     raise BenchmarkError(f'need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}.')
   mesh = sharding.make_mesh() if mesh is None else mesh
@@ -225,7 +267,7 @@ def benchmark_step(stage: str, config, *, image_size: int | None = None, num_cla
   start = time.perf_counter()
   compiled = jitted.lower(*args).compile()  # what the first call would spend
   compile_seconds = time.perf_counter() - start
-  times = _time_compiled(compiled, args, steps, warmup)
+  times, state = _time_compiled(compiled, args, steps, warmup)
 
   median = float(np.median(times))
   record = {'stage': stage, **environment(config, dtype), 'image_size': shape[0],
@@ -244,6 +286,9 @@ def benchmark_step(stage: str, config, *, image_size: int | None = None, num_cla
   achieved = None if flops is None else flops / median
   record.update(flops_per_step=flops, achieved_flops_per_sec=achieved, peak_flops_per_sec=peak,
                 mfu=None if achieved is None or peak is None else achieved / peak)
+  if profile_dir is not None:
+    record['profile'] = profile_compiled(compiled, (state,) + args[1:],
+                                         os.path.join(profile_dir, stage))
   return record
 
 
@@ -284,7 +329,8 @@ def time_input_pipeline(config, *, steps: int = 20, warmup: int = 3,
 
 
 def run(config, *, steps: int = 20, warmup: int = 3, image_size: int | None = None,
-        num_classes: int = 10, dtype: str | None = None) -> list[dict[str, Any]]:
+        num_classes: int = 10, dtype: str | None = None,
+        profile_dir: str | None = None) -> list[dict[str, Any]]:
   """The three records: the stage-1 step, the stage-2 step and the input pipeline."""
   if config.stage != 'stage1':
     raise BenchmarkError('pass a stage-1 config (configs/stage1.py[:PRESET]): a stage-2 config '
@@ -292,7 +338,8 @@ def run(config, *, steps: int = 20, warmup: int = 3, image_size: int | None = No
                          'from the stage-1 config.')
   config = configuration.resolve(config)
   records = [benchmark_step(stage, config, image_size=image_size, num_classes=num_classes,
-                            steps=steps, warmup=warmup, dtype=dtype) for stage in STAGES]
+                            steps=steps, warmup=warmup, dtype=dtype, profile_dir=profile_dir)
+             for stage in STAGES]
   # After the steps, so that the pipeline's threads do not compete with them.
   records.append(time_input_pipeline(config, steps=steps, warmup=warmup, dtype=dtype))
   return records
@@ -309,6 +356,10 @@ def define_flags():
   flags.DEFINE_integer('num_classes', 10, 'Classes of the random labels.')
   flags.DEFINE_enum('dtype', None, list(DTYPES),
                     'Compute dtype of convolutions and dense layers; default config.dtype.')
+  flags.DEFINE_string('profile_dir', None,
+                      f'Also trace {PROFILE_STEPS} steps of each stage after the timed ones into '
+                      'PROFILE_DIR/stage1 and PROFILE_DIR/stage2 (open with TensorBoard or XProf); '
+                      "each step's record then lists the operations that took longest.")
   flags.mark_flags_as_required(['config'])
 
 
@@ -321,10 +372,14 @@ def main(argv):
   config = FLAGS.config
   if FLAGS.batch_size is not None:
     config.batch_size = FLAGS.batch_size
+  if FLAGS.profile_dir and CPU_TRACE_FLAG not in os.environ.get('XLA_FLAGS', ''):
+    # Before any backend starts: XLA reads its flags once.
+    os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_TRACE_FLAG}".strip()
   distributed.use_cpu_cores([config.batch_size])  # on CPU, one device per core
   try:
     records = run(config, steps=FLAGS.steps, warmup=FLAGS.warmup, image_size=FLAGS.image_size,
-                  num_classes=FLAGS.num_classes, dtype=FLAGS.dtype)
+                  num_classes=FLAGS.num_classes, dtype=FLAGS.dtype,
+                  profile_dir=FLAGS.profile_dir)
   except (BenchmarkError, configuration.ConfigError) as error:
     print(f'imbal_jax: benchmark error: {error}', file=sys.stderr)
     sys.exit(2)

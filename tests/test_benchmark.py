@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 
@@ -35,11 +36,17 @@ def run_command(*args):
 
 
 @pytest.fixture(scope='module')
-def command_records():
+def profile_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp('profile')
+
+
+@pytest.fixture(scope='module')
+def command_records(profile_dir):
   # The whole command once: both steps compile here, and the in-process test
   # below then finds the stage-2 programs in the persistent cache.
   result = run_command('--config=configs/stage1.py:digits_lt', f'--config.width={TINY["width"]}',
-                       f'--batch_size={TINY["batch_size"]}', '--steps=2', '--warmup=1')
+                       f'--batch_size={TINY["batch_size"]}', '--steps=2', '--warmup=1',
+                       f'--profile_dir={profile_dir}')
   assert result.returncode == 0, result.stderr[-4000:]
   return [json.loads(line) for line in result.stdout.splitlines()]
 
@@ -72,6 +79,24 @@ def test_command_prints_one_json_line_per_stage(command_records):
   assert inputs['skipped'] is False and inputs['dataset'] == 'digits'
   assert inputs['data_workers'] == 0 and inputs['global_batch'] == 32
   assert inputs['images_per_sec'] > 0
+
+
+def test_profile_dir_holds_a_trace_and_the_slowest_operations(command_records, profile_dir):
+  for record in command_records[:2]:
+    profile = record['profile']
+    assert profile['trace_dir'] == str(profile_dir / record['stage'])
+    assert list((profile_dir / record['stage']).glob('**/*.xplane.pb'))
+    top = profile['top_ops_ms_per_step']
+    assert top, 'no per-operation events: was the CPU trace flag set?'
+    times = [ms for _, ms in top]
+    assert all(ms >= 0 for ms in times) and times == sorted(times, reverse=True)
+    # Names of the compiled program's operations, numeric suffixes dropped.
+    names = [name for name, _ in top]
+    assert len(set(names)) == len(names) and not any(re.search(r'\.\d+$', n) for n in names)
+  # A stage-1 step computes convolution gradients and all-reduces them across the devices.
+  stage1_names = {name for name, _ in command_records[0]['profile']['top_ops_ms_per_step']}
+  assert 'all-reduce' in stage1_names
+  assert stage1_names & {'convolution', 'ynn_fusion'}
 
 
 def test_benchmark_functions_in_process(command_records, devices):
