@@ -37,7 +37,8 @@ def trunk_fn(trunk: nn.Module, mesh, pixel_stats: tuple[Any, Any], *, augment: s
                          augment=augment, crop_padding=crop_padding)
     return trunk.apply(variables, x, train=False)
 
-  jitted = jax.jit(outputs, out_shardings=sharding.replicated(mesh))
+  jitted = jax.jit(outputs, out_shardings=sharding.replicated(mesh),
+                   compiler_options=sharding.compiler_options(mesh))
   mean, std = steps.put_pixel_stats(pixel_stats, mesh)
   return lambda variables, images, rng: jitted(variables, images, rng, mean, std)
 

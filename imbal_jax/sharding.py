@@ -8,11 +8,22 @@ a loss over the batch-sharded global array may contract over the batch
 
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from typing import Any, Sequence
 
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+# XLA options of every program imbal_jax compiles for CPU devices: no YNNPACK
+# fusions, so XLA's CPU backend runs convolutions through Eigen. Measured on the
+# 2-core development machine (jax 0.10.2, x86-64 AVX2), one process compiling
+# both ways and alternating them, median images/s of the stage-1 step:
+# cifar10_lt 136 -> 145 and 119 -> 132 (2 devices), 73 -> 122 (1 device);
+# ham10000 138 -> 166; resnet18 width 16 at 28x28, 288 -> 333; the stage-2
+# step 644 -> 666 (docs/performance.md).
+CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -48,3 +59,24 @@ def put_global_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.
 def put_replicated(tree, mesh: Mesh):
   return jax.device_put(tree, replicated(mesh))
 
+
+
+@functools.cache
+def _cpu_options_accepted(options: tuple[tuple[str, Any], ...]) -> bool:
+  """Whether this XLA knows `options` (an XLA without one refuses to compile)."""
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(
+        jax.ShapeDtypeStruct((), np.float32)).compile()
+  except Exception as error:  # pylint: disable=broad-except  # XLA's error type varies
+    logging.warning('XLA refused the CPU compiler options %s (%s); compiling without them.',
+                    dict(options), str(error).splitlines()[0][:200])
+    return False
+  return True
+
+
+def compiler_options(mesh: Mesh) -> dict[str, Any]:
+  """The XLA options for programs compiled for `mesh`: CPU_COMPILER_OPTIONS on CPU, else none."""
+  if mesh.devices.flat[0].platform != 'cpu':
+    return {}
+  options = tuple(sorted(CPU_COMPILER_OPTIONS.items()))
+  return dict(options) if _cpu_options_accepted(options) else {}

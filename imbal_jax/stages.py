@@ -89,14 +89,14 @@ def jit_train_step(step_fn, mesh, num_extra_args: int = 0, pixel_stats=None):
   in_shardings = (repl, data, repl) + (repl,) * (num_extra_args + num_stats)
   if pixel_stats is None:
     return jax.jit(step_fn, donate_argnums=0, in_shardings=in_shardings,
-                   out_shardings=(repl, repl))
+                   out_shardings=(repl, repl), compiler_options=sharding.compiler_options(mesh))
 
   def with_stats(state, batch, rng, *extra_then_stats):
     *extra, pixel_mean, pixel_std = extra_then_stats
     return step_fn(state, batch, rng, *extra, pixel_mean=pixel_mean, pixel_std=pixel_std)
 
   jitted = jax.jit(with_stats, donate_argnums=0, in_shardings=in_shardings,
-                   out_shardings=(repl, repl))
+                   out_shardings=(repl, repl), compiler_options=sharding.compiler_options(mesh))
   return WithTrailingArgs(jitted, steps.put_pixel_stats(pixel_stats, mesh))
 
 

@@ -298,7 +298,8 @@ def jit_eval_step(logits_fn: Callable, mesh, pixel_stats) -> Callable:
 
   replicated = sharding.replicated(mesh)
   jitted = jax.jit(probabilities, out_shardings=replicated,
-                   in_shardings=(replicated, sharding.data_sharding(mesh), replicated, replicated))
+                   in_shardings=(replicated, sharding.data_sharding(mesh), replicated, replicated),
+                   compiler_options=sharding.compiler_options(mesh))
   mean, std = put_pixel_stats(pixel_stats, mesh)
   return lambda variables, batch: jitted(variables, batch, mean, std)
 

@@ -4,12 +4,16 @@ and, in an experiment, a compilation cache in its workdir."""
 import os
 import subprocess
 import sys
+import types
 
+import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import pytest
 
 from conftest import ROOT, TEST_XLA_FLAGS
-from imbal_jax import distributed
+from imbal_jax import distributed, sharding, stages
 
 
 def slow_device_count(batch_sizes, cores):
@@ -104,3 +108,41 @@ def test_an_experiment_keeps_compiled_programs_in_its_workdir(tmp_path, configur
   assert result.returncode == 0, result.stderr
   expected = tmp_path / ('mine' if configured else 'jax_cache')
   assert result.stdout.split() == [str(expected)]
+
+
+def _conv_step(state, batch, rng):
+  """A train-step-shaped function (state, batch, rng) -> (state, measurements) with a convolution."""
+  del rng
+  images = batch['image'].astype(jnp.float32)
+
+  def loss(kernel):
+    out = jax.lax.conv_general_dilated(images, kernel, (1, 1), 'SAME',
+                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return jnp.mean(out ** 2)
+
+  value, grad = jax.value_and_grad(loss)(state)
+  return state - 0.1 * grad, {'loss': value}
+
+
+def test_cpu_programs_compile_without_ynnpack_fusions(devices):
+  mesh = sharding.make_mesh(devices)
+  assert sharding.compiler_options(mesh) == sharding.CPU_COMPILER_OPTIONS
+  state = sharding.put_replicated(jnp.ones((3, 3, 16, 16)), mesh)
+  batch = sharding.put_global_batch(
+      {'image': np.ones((len(devices) * 4, 8, 8, 16), np.uint8)}, mesh)
+  rng = sharding.put_replicated(jax.random.key(0), mesh)
+  step = stages.jit_train_step(_conv_step, mesh)
+  hlo = step.lower(state, batch, rng).compile().as_text()
+  assert ' convolution(' in hlo and 'ynn_fusion' not in hlo
+  # Counter-check: XLA's defaults do make YNNPACK fusions of this step, so the
+  # option still changes something (drop it from CPU_COMPILER_OPTIONS when not).
+  plain = jax.jit(_conv_step).lower(state, batch, rng).compile().as_text()
+  assert 'ynn_fusion' in plain
+
+
+def test_compiler_options_are_for_cpu_only_and_skip_what_xla_refuses(devices, monkeypatch, caplog):
+  gpu_mesh = types.SimpleNamespace(devices=np.asarray([types.SimpleNamespace(platform='gpu')]))
+  assert sharding.compiler_options(gpu_mesh) == {}
+  monkeypatch.setattr(sharding, 'CPU_COMPILER_OPTIONS', {'xla_cpu_no_such_option': True})
+  assert sharding.compiler_options(sharding.make_mesh(devices)) == {}
+  assert 'xla_cpu_no_such_option' in caplog.text
