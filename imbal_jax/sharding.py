@@ -16,14 +16,18 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-# XLA options of every program imbal_jax compiles for CPU devices: no YNNPACK
-# fusions, so XLA's CPU backend runs convolutions through Eigen. Measured on the
-# 2-core development machine (jax 0.10.2, x86-64 AVX2), one process compiling
-# both ways and alternating them, median images/s of the stage-1 step:
-# cifar10_lt 136 -> 145 and 119 -> 132 (2 devices), 73 -> 122 (1 device);
-# ham10000 138 -> 166; resnet18 width 16 at 28x28, 288 -> 333; the stage-2
-# step 644 -> 666 (docs/performance.md).
-CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
+# XLA options of every program imbal_jax compiles for CPU devices: YNNPACK
+# fusions for reductions and matrix products only, so that XLA's CPU backend runs
+# convolutions through Eigen. Measured on the 2-core development machine (jax
+# 0.10.2, x86-64 AVX2), one process compiling the step three ways and
+# alternating them, median images/s, XLA's default / no YNNPACK fusions / these:
+# cifar10_lt stage 1, 126 / 141 / 143 (2 devices) and 81 / 127 / 133 (1 device);
+# ham10000 stage 1, 147 / 165 / 171; cifar10_lt stage 2, 657 / 729 / 779
+# (docs/performance.md).
+CPU_COMPILER_OPTIONS = {
+    'xla_cpu_experimental_ynn_fusion_type':
+        'LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT',
+}
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
