@@ -38,7 +38,7 @@ def relu_add(a, b):
   every fusion that reads it (forward, relu masks, the copies feeding the filter
   gradients): 6 batch norms, residual sums and relus in one fusion at the end of
   a 5-block stage. Ending on an addition of two large operands makes XLA keep
-  the sum in memory once and read it from there (README, "Speed").
+  the sum in memory once and read it from there (docs/performance.md).
   The derivative is relu's: 1 where the output is positive, 0 elsewhere.
   """
   return jnp.maximum(a, -b) + b
