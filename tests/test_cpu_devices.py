@@ -127,9 +127,11 @@ def _conv_step(state, batch, rng):
 
 def ynnpack_convolutions(hlo: str) -> int:
   """How many YNNPACK fusions of a compiled program's text hold a convolution."""
-  bodies = dict(re.findall(r'^%?([\w.\-]+) .*?\{\n(.*?)\n\}', hlo, re.MULTILINE | re.DOTALL))
+  # A computation's header is one line ending in '{'; its body ends at a line '}'.
+  bodies = dict(re.findall(r'^%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}', hlo, re.MULTILINE | re.DOTALL))
   called = re.findall(r'^\s+%ynn_fusion\S* = .*?calls=%([\w.\-]+)', hlo, re.MULTILINE)
-  return sum(' convolution(' in bodies.get(name, '') for name in called)
+  assert set(called) <= set(bodies), set(called) - set(bodies)  # none missed by the parse
+  return sum(' convolution(' in bodies[name] for name in called)
 
 
 def test_cpu_programs_run_convolutions_outside_ynnpack(devices):
