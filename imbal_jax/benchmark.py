@@ -34,7 +34,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from imbal_jax import configuration, distributed, sharding, stages
+from imbal_jax import configuration, distributed, host_memory, sharding, stages
 from imbal_jax import steps as steps_lib
 from imbal_jax.data import pipeline, sources
 from imbal_jax.models import (ARCHITECTURES, LinearHead, Stage1Net, encoder_variables,
@@ -133,6 +133,8 @@ def environment(config, dtype: str) -> dict[str, Any]:
       'model': config.model,
       'width': config.width or ARCHITECTURES[config.model][2],
       'dtype': dtype,
+      # CPU: whether freed host buffers stayed mapped (imbal_jax.host_memory).
+      'host_memory_retained': host_memory.retained(),
   }
 
 
@@ -375,6 +377,7 @@ def main(argv):
   if FLAGS.profile_dir and CPU_TRACE_FLAG not in os.environ.get('XLA_FLAGS', ''):
     # Before any backend starts: XLA reads its flags once.
     os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_TRACE_FLAG}".strip()
+  host_memory.retain_freed_memory()  # CPU only: freed buffers stay mapped
   distributed.use_cpu_cores([config.batch_size])  # on CPU, one device per core
   try:
     records = run(config, steps=FLAGS.steps, warmup=FLAGS.warmup, image_size=FLAGS.image_size,

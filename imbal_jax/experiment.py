@@ -119,7 +119,8 @@ def keep_compiled_programs(workdir: pathlib.Path) -> None:
 def execute(plan: Plan, command_line: str = '') -> int:
   """Trains the pending runs in order; returns the exit status (0: every run finished)."""
   import jax  # after flag parsing, as in imbal_jax.main
-  from imbal_jax import checkpoint, distributed, train
+  from imbal_jax import checkpoint, distributed, host_memory, train
+  host_memory.retain_freed_memory()
   distributed.use_cpu_cores([size for run in plan.runs
                              for size in distributed.config_batch_sizes(run.config)])
   keep_compiled_programs(plan.workdir)

@@ -32,7 +32,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   # Imported here so that --help and flag errors come back before JAX starts.
-  from imbal_jax import checkpoint, configuration, distributed, train, workdir
+  from imbal_jax import checkpoint, configuration, distributed, host_memory, train, workdir
   from imbal_jax.data.sources import DataError
 
   if not FLAGS['verbosity'].present:
@@ -50,7 +50,9 @@ def main(argv):
       (FloatingPointError, 'training stopped: ', 3),
   )
   try:
-    # Several processes join before anything starts JAX's backends.
+    # Before anything starts JAX's backends: the allocator's settings (CPU only), then
+    # the processes of a multi-process run join.
+    host_memory.retain_freed_memory()
     if not distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id):
       distributed.use_cpu_cores(distributed.config_batch_sizes(FLAGS.config))

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from conftest import NUM_DEVICES, ROOT, subprocess_env
-from imbal_jax import benchmark, configuration
+from imbal_jax import benchmark, configuration, host_memory
+from test_host_memory import GLIBC
 
 # One tiny config for the in-process run and the command, so that the command
 # finds the compiled programs in the persistent cache.
@@ -17,7 +18,7 @@ TINY = {'width': 4, 'batch_size': 32}
 STEP_KEYS = {'stage', 'device_kind', 'device_count', 'process_count', 'model', 'width',
              'image_size', 'channels', 'global_batch', 'dtype', 'compile_seconds',
              'step_seconds_median', 'step_seconds_p90', 'images_per_sec', 'flops_per_step',
-             'achieved_flops_per_sec', 'peak_flops_per_sec', 'mfu'}
+             'achieved_flops_per_sec', 'peak_flops_per_sec', 'mfu', 'host_memory_retained'}
 
 
 def stage1_config(preset='digits_lt', **overrides):
@@ -74,6 +75,8 @@ def test_command_prints_one_json_line_per_stage(command_records):
   stage1, stage2, inputs = command_records
   check_step_record(stage1, 'stage1')
   check_step_record(stage2, 'stage2')
+  # The command keeps freed host buffers mapped on CPU (glibc's Linux; test_host_memory).
+  assert stage1['host_memory_retained'] is stage2['host_memory_retained'] is GLIBC
   # Stage 2 runs the frozen encoder forward only: fewer FLOPs than stage 1.
   assert stage2['flops_per_step'] < stage1['flops_per_step']
   assert inputs['skipped'] is False and inputs['dataset'] == 'digits'
@@ -103,6 +106,9 @@ def test_benchmark_functions_in_process(command_records, devices):
   config = configuration.resolve(stage1_config(**TINY))
   record = benchmark.benchmark_step('stage2', config, steps=2, warmup=1)
   check_step_record(record, 'stage2')
+  # Whatever this test process's allocator is (an earlier in-process command may have
+  # set it before the backends started), the record reports it.
+  assert record['host_memory_retained'] is host_memory.retained()
   # The same program as the command's: XLA counts the same FLOPs.
   assert record['flops_per_step'] == command_records[1]['flops_per_step']
   inputs = benchmark.time_input_pipeline(config, steps=2, warmup=1)
