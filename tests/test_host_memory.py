@@ -38,8 +38,8 @@ PAGES = 16 * 2**20 * 4 // 4096  # pages of one output (4 KiB pages)
 
 def faults_per_run(mode):
   env = subprocess_env(1, cache=False)
-  env.pop('GLIBC_TUNABLES', None)
-  env.pop(host_memory.ENV_SWITCH, None)
+  for name in ('GLIBC_TUNABLES', 'LD_PRELOAD', host_memory.ENV_SWITCH):
+    env.pop(name, None)  # the allocator as glibc sets it by default
   result = subprocess.run([sys.executable, '-c', FAULTS_PER_RUN, mode], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -59,8 +59,12 @@ def test_freed_buffers_are_reused_without_page_faults():
   assert sum(retained['faults'][-8:]) <= 2.1 * PAGES, retained
 
 
-def test_nothing_changes_once_backends_started():
+@pytest.mark.skipif(not GLIBC, reason='glibc on Linux')
+def test_nothing_changes_once_backends_started(monkeypatch):
   # The test process's backends are running (conftest): too late, so it does nothing.
+  for name in ('GLIBC_TUNABLES', 'LD_PRELOAD', host_memory.ENV_SWITCH):
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setattr(host_memory, '_jax_platforms', lambda: 'cpu')
   import jax
   jax.devices()
   assert host_memory.why_not() == "JAX's backends have already started"
@@ -94,4 +98,3 @@ def test_applies_only_to_cpu_runs_that_left_the_allocator_alone(monkeypatch, env
     assert reason is None
   else:
     assert reason is not None and expected in reason, reason
-
