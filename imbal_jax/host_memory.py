@@ -13,7 +13,7 @@ thread from one arena (`M_ARENA_MAX` 1), never to use `mmap` (`M_MMAP_MAX` 0) an
 to give the heap's free top back to the system only above 2 GiB
 (`M_TRIM_THRESHOLD`). Freed buffers then stay mapped and the next step reuses them:
 the process keeps its peak host memory (measured on `cifar10_lt`: 2.2 GB resident
-against 1.4 GB, for 15% to 25% more images/s). Outside imbal_jax's commands,
+against 1.4 GB, for 15% to 27% more images/s). Outside imbal_jax's commands,
 glibc's environment variable makes the same settings:
 `GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647`.
 
