@@ -64,7 +64,6 @@ def put_replicated(tree, mesh: Mesh):
   return jax.device_put(tree, replicated(mesh))
 
 
-
 @functools.cache
 def _cpu_options_accepted(options: tuple[tuple[str, Any], ...]) -> bool:
   """Whether this XLA knows `options` (an XLA without one refuses to compile)."""

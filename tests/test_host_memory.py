@@ -104,3 +104,21 @@ def test_applies_only_to_cpu_runs_that_left_the_allocator_alone(monkeypatch, env
     assert reason is None
   else:
     assert reason is not None and expected in reason, reason
+
+
+def test_an_accelerator_plugin_or_libtpu_counts_as_one(monkeypatch):
+  import importlib.metadata
+  import importlib.util
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.metadata, 'entry_points', lambda group: [])
+  monkeypatch.setattr(importlib.util, 'find_spec',
+                      lambda name, *args: None if name == 'libtpu' else find_spec(name, *args))
+  monkeypatch.setitem(sys.modules, 'jax_plugins', None)  # `import jax_plugins` fails
+  assert host_memory.accelerator_plugin_installed() is False
+  monkeypatch.setattr(importlib.metadata, 'entry_points',
+                      lambda group: ['cuda'] if group == 'jax_plugins' else [])
+  assert host_memory.accelerator_plugin_installed() is True
+  monkeypatch.setattr(importlib.metadata, 'entry_points', lambda group: [])
+  monkeypatch.setattr(importlib.util, 'find_spec',
+                      lambda name, *args: object() if name == 'libtpu' else None)
+  assert host_memory.accelerator_plugin_installed() is True
