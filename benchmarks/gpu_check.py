@@ -9,9 +9,9 @@ In priority order, each result appended to DIR/gpu_results.jsonl as soon as it i
   2. The stage-1 step of the `isic2019` preset (ResNet-50, 224 px, CE + SupCon) in
      bfloat16 at global batch 256, with a 3-step trace (DIR/profile_summary.json, the
      trace itself as DIR/stage1.xplane.pb).
-  3. Variants that say where the time goes: batch 128 (the preset's), the device
-     augmentation reduced to flips, no contrastive term, float32 (TF32), stage 2,
-     and the `cifar10_lt` ResNet-32 row.
+  3. Variants that say where the time goes: batch 128 (the preset's) and 512, the
+     device augmentation reduced to flips, float32 (TF32), stage 2, and the
+     `cifar10_lt` ResNet-32 row.
   4. The host input pipeline alone on a synthetic prepared 224 px cache.
 Stops starting new measurements once --budget_seconds have passed.
 """
@@ -212,8 +212,6 @@ def main():
       ('stage1_isic2019_b128_bf16', 'stage1', 'isic2019', {**main_overrides, 'batch_size': 128}),
       ('stage1_isic2019_b256_bf16_flip_only', 'stage1', 'isic2019',
        {**main_overrides, 'augment': 'flip'}),
-      ('stage1_isic2019_b256_bf16_ce_only', 'stage1', 'isic2019',
-       {**main_overrides, 'contrastive_weight': 0.0}),
       ('stage2_isic2019_b256_bf16', 'stage2', 'isic2019', main_overrides),
       'input_pipeline',
       ('stage1_cifar10_lt_b128_f32', 'stage1', 'cifar10_lt', {}),

@@ -46,6 +46,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   JAX_PLATFORMS=cuda,cpu XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_DEFAULT_MATMUL_PRECISION=highest \
     timeout 100 python3 -m pytest -q -n 4 -p no:cacheprovider tests/test_losses.py \
     tests/test_metric_losses.py tests/test_objectives.py tests/test_models.py tests/test_metrics.py \
+    tests/test_precision.py tests/test_benchmark.py \
     > "$OUT/pytest_gpu.txt" 2>&1
   echo "pytest rc=$?"
   tail -25 "$OUT/pytest_gpu.txt"

@@ -55,6 +55,9 @@ def mesh_over_first(monkeypatch, count):
 
 @pytest.fixture(scope='session')
 def devices():
+  if jax.default_backend() != 'cpu':  # e.g. JAX_PLATFORMS=cuda,cpu, to run the rest on a GPU
+    pytest.skip(f'needs the {NUM_DEVICES} forced CPU devices as the default backend, '
+                f'not {jax.default_backend()}')
   found = jax.devices()
   assert len(found) == NUM_DEVICES, f'expected {NUM_DEVICES} forced CPU devices, got {found}'
   return found

@@ -6,10 +6,13 @@ import re
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from conftest import NUM_DEVICES, ROOT, subprocess_env
-from imbal_jax import benchmark, configuration, host_memory
+from imbal_jax import benchmark, configuration, host_memory, sharding
+from imbal_jax.models import make_encoder
 from test_host_memory import GLIBC
 
 # One tiny config for the in-process run and the command, so that the command
@@ -111,6 +114,10 @@ def test_benchmark_functions_in_process(command_records, devices):
   assert record['host_memory_retained'] is host_memory.retained()
   # The same program as the command's: XLA counts the same FLOPs.
   assert record['flops_per_step'] == command_records[1]['flops_per_step']
+  # The count is the global step's, however many devices share it.
+  one_device = benchmark.benchmark_step('stage2', config, steps=1, warmup=0,
+                                        mesh=sharding.make_mesh(devices[:1]))
+  assert one_device['flops_per_step'] == record['flops_per_step']
   inputs = benchmark.time_input_pipeline(config, steps=2, warmup=1)
   assert inputs['skipped'] is False and inputs['train_images'] > 0
   assert inputs['images_per_sec'] > 0 and inputs['batch_seconds_median'] > 0
@@ -154,7 +161,7 @@ def test_image_shape_defaults():
 
 
 def test_flops_of_accepts_dict_list_or_nothing():
-  class Compiled:
+  class Lowered:
     def __init__(self, analysis):
       self.analysis = analysis
 
@@ -163,8 +170,24 @@ def test_flops_of_accepts_dict_list_or_nothing():
         raise self.analysis
       return self.analysis
 
-  assert benchmark.flops_of(Compiled({'flops': 12.0})) == 12.0
-  assert benchmark.flops_of(Compiled([{'flops': 7.0}])) == 7.0
-  assert benchmark.flops_of(Compiled([])) is None
-  assert benchmark.flops_of(Compiled({'bytes accessed': 3.0})) is None
-  assert benchmark.flops_of(Compiled(NotImplementedError())) is None
+  assert benchmark.flops_of(Lowered({'flops': 12.0})) == 12.0
+  assert benchmark.flops_of(Lowered([{'flops': 7.0}])) == 7.0
+  assert benchmark.flops_of(Lowered([])) is None
+  assert benchmark.flops_of(Lowered({'bytes accessed': 3.0})) is None
+  assert benchmark.flops_of(Lowered(NotImplementedError())) is None
+
+
+def test_flops_count_each_multiply_add_of_the_program_as_written():
+  # One convolution without padding: 2 FLOPs per multiply-add, N*Ho*Wo*k*k*Cin*Cout of them.
+  conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
+      x, w, (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
+  lowered = conv.lower(jax.ShapeDtypeStruct((2, 9, 9, 3), jnp.float32),
+                       jax.ShapeDtypeStruct((3, 3, 3, 5), jnp.float32))
+  assert benchmark.flops_of(lowered) == 2 * (2 * 7 * 7) * (3 * 3 * 3 * 5)
+  # ResNet-50's forward pass at 224 px: He et al. (2016, table 1) give 3.8e9
+  # multiply-adds, torchvision 4.09e9 (with the classifier); 2 FLOPs each.
+  encoder = make_encoder('resnet50', 64, 224)
+  image = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+  variables = jax.eval_shape(lambda x: encoder.init(jax.random.key(0), x, train=False), image)
+  lowered = jax.jit(lambda v, x: encoder.apply(v, x, train=False)).lower(variables, image)
+  assert 7.6e9 <= benchmark.flops_of(lowered) <= 8.2e9
