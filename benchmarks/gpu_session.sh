@@ -6,7 +6,7 @@
 # Packages the machine lacks (grain, ml-collections, tensorflow-datasets and their
 # needs) may be placed as wheels in .whl/; they are installed into /tmp/site.
 # Knobs: GPU_CHECK_BUDGET (s, default 240), GPU_CHECK_ONLY (names, comma-separated),
-# SKIP_TESTS=1.
+# GPU_TESTS (test files), SKIP_TESTS=1.
 set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -44,10 +44,9 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   # Tests that need no forced CPU devices, on the GPU (float32 at full precision: the
   # references are float64 NumPy).
   JAX_PLATFORMS=cuda,cpu XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_DEFAULT_MATMUL_PRECISION=highest \
-    timeout 100 python3 -m pytest -q -n 4 -p no:cacheprovider tests/test_losses.py \
+    timeout 100 python3 -m pytest -q -n 4 -p no:cacheprovider ${GPU_TESTS:-tests/test_losses.py \
     tests/test_metric_losses.py tests/test_objectives.py tests/test_models.py tests/test_metrics.py \
-    tests/test_precision.py tests/test_benchmark.py \
-    > "$OUT/pytest_gpu.txt" 2>&1
+    tests/test_precision.py tests/test_benchmark.py} > "$OUT/pytest_gpu.txt" 2>&1
   echo "pytest rc=$?"
   tail -25 "$OUT/pytest_gpu.txt"
 fi

@@ -6,8 +6,8 @@ Both steps run on random uint8 images of the preset's shape, so no data set is
 needed; when the preset's data is present the input pipeline is also timed on
 its training split. Prints one JSON line per stage ('stage1', 'stage2',
 'input_pipeline'): compile time, median and 90th-percentile step time, images/s,
-XLA's FLOP count of the compiled step and, on accelerators whose peak is known,
-the model FLOP utilisation (MFU). Any config field can be overridden, e.g.
+the FLOPs of the step's convolutions and matrix products (matmul_flops) and, on
+accelerators whose peak is known, the model FLOP utilisation (MFU). Any config field can be overridden, e.g.
 --config.model=resnet50 --config.batch_size=64.
 
 The steps are built as train.py builds them (same optimizer, partial-bound
@@ -111,26 +111,63 @@ def compute_dtype(config, dtype: str | None = None) -> str:
   return dtype
 
 
-def flops_of(lowered) -> float | None:
-  """FLOPs of one run of the whole program, from XLA's cost analysis of `lowered` (None if absent).
+def _sub_jaxprs(value):
+  """The jaxprs held by one parameter of a jaxpr equation (a jaxpr, a closed one, or tuples)."""
+  if hasattr(value, 'eqns'):
+    yield value
+  elif hasattr(value, 'jaxpr') and hasattr(value.jaxpr, 'eqns'):
+    yield value.jaxpr
+  elif isinstance(value, (tuple, list)):
+    for item in value:
+      yield from _sub_jaxprs(item)
 
-  The analysis is of the program as written, before XLA's optimisations and its
-  partitioning over devices: each convolution and dot of the global batch is
-  counted once, which is the model FLOP count that MFU is defined on. The
-  compiled program's analysis would not do: on GPU, XLA hands convolutions to
-  cuDNN as custom calls that its cost analysis counts as zero (measured on an
-  H100: 132 GFLOP for a ResNet-50 224 px stage-1 step at batch 256, against
-  about 6 TFLOP of convolutions), and on several devices it is one device's part.
+
+def matmul_flops(jaxpr) -> float:
+  """FLOPs of the convolutions and matrix products of `jaxpr`, 2 per multiply-add.
+
+  Counted from the program as traced, before any compiler sees it, so that the
+  count is the same on every platform and device count: each convolution as
+  2 * output elements * (kernel elements / output features), taps over padding
+  included (the convention of published ResNet FLOP counts), divided by the
+  input dilation (the zeros a strided convolution's input gradient inserts are
+  not work); each dot_general as 2 * output elements * contracted size. Other
+  operations (batch norm, activations, the optimizer) are left out, as in the
+  usual model-FLOP definition of MFU. A scan counts its body `length` times, a
+  cond its costliest branch, a while loop its body once.
+
+  XLA's own cost analysis is not used: on GPU and TPU (PJRT plugins) it is not
+  available before compilation, and after compilation it counts GPU convolutions,
+  which XLA hands to cuDNN, as zero (measured on an H100: 132 GFLOP for a
+  ResNet-50 224 px stage-1 step at batch 256, against about 6.1 TFLOP of
+  convolutions).
   """
-  try:
-    analysis = lowered.cost_analysis()
-  except Exception:  # Some backends do not implement it.
-    return None
-  # A dict in recent JAX, a list of per-module dicts in older versions.
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0] if analysis else None
-  flops = (analysis or {}).get('flops')
-  return float(flops) if flops is not None and flops > 0 else None
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == 'conv_general_dilated':
+      out, kernel = eqn.outvars[0].aval.shape, eqn.invars[1].aval.shape
+      out_features = kernel[eqn.params['dimension_numbers'].rhs_spec[0]]
+      total += (2 * math.prod(out) * math.prod(kernel) / out_features
+                / math.prod(eqn.params['lhs_dilation']))
+    elif name == 'dot_general':
+      (lhs_contracting, _), _ = eqn.params['dimension_numbers']
+      lhs = eqn.invars[0].aval.shape
+      total += (2 * math.prod(eqn.outvars[0].aval.shape)
+                * math.prod(lhs[d] for d in lhs_contracting))
+    inner = [matmul_flops(sub) for value in eqn.params.values() for sub in _sub_jaxprs(value)]
+    if inner:
+      if name == 'cond':
+        total += max(inner)
+      elif name == 'scan':
+        total += eqn.params['length'] * sum(inner)
+      else:
+        total += sum(inner)
+  return total
+
+
+def step_flops(jitted, args) -> float:
+  """matmul_flops of one call of `jitted` on `args`: the global step, all devices together."""
+  return matmul_flops(jitted.trace(*args).jaxpr.jaxpr)
 
 
 def environment(config, dtype: str) -> dict[str, Any]:
@@ -276,8 +313,7 @@ def benchmark_step(stage: str, config, *, image_size: int | None = None, num_cla
   shape = image_shape(config, image_size)
   jitted, args = build_step(stage, config, shape, num_classes, mesh, dtype)
   start = time.perf_counter()
-  lowered = jitted.lower(*args)
-  compiled = lowered.compile()  # what the first call would spend
+  compiled = jitted.lower(*args).compile()  # what the first call would spend
   compile_seconds = time.perf_counter() - start
   times, state = _time_compiled(compiled, args, steps, warmup)
 
@@ -288,7 +324,7 @@ def benchmark_step(stage: str, config, *, image_size: int | None = None, num_cla
             'step_seconds_p90': float(np.percentile(times, 90)),
             'images_per_sec': config.batch_size / median}
   # FLOPs of the global step (all devices), against the peak of all devices.
-  flops = flops_of(lowered)
+  flops = step_flops(jitted, args)
   peak = peak_flops(record['device_kind'], dtype)
   peak = None if peak is None else peak * mesh.devices.size
   achieved = None if flops is None else flops / median
