@@ -213,7 +213,8 @@ def test_matmul_flops_of_resnet50_match_published_counts():
   forward = jax.jit(lambda v, x: encoder.apply(v, x, train=False))
   flops = benchmark.step_flops(forward, (variables, image))
   assert 2 * 4.08e9 <= flops <= 2 * 4.10e9
-  # XLA's CPU cost analysis of the same program counts taps over padding out and
-  # elementwise operations in: close, not equal.
-  xla = forward.lower(variables, image).cost_analysis()['flops']
-  assert 0.95 < xla / flops < 1.0
+  # XLA's cost analysis of the same program counts taps over padding out and
+  # elementwise operations in: close, not equal. (None through GPU and TPU plugins.)
+  xla = forward.lower(variables, image).cost_analysis()
+  if jax.default_backend() == 'cpu':
+    assert 0.95 < xla['flops'] / flops < 1.0
