@@ -1,10 +1,13 @@
 """Long-tail protocol, samplers, digits source and batching."""
 
+import importlib.machinery
+import importlib.util
+
 import ml_collections
 import numpy as np
 import pytest
 
-from imbal_jax.data import longtail, pipeline, samplers, sources
+from imbal_jax.data import longtail, pipeline, readers, samplers, sources
 
 
 def test_longtail_counts_follow_cao_formula_on_cifar10_sizes():
@@ -46,6 +49,29 @@ def digits_config(**overrides):
                 test_fraction=0.2)
   config.update(overrides)
   return ml_collections.ConfigDict(config)
+
+
+def test_digits_are_read_as_scikit_learn_reads_them():
+  from sklearn.datasets import load_digits
+
+  images, labels = readers.digits_arrays()
+  reference = load_digits()
+  np.testing.assert_array_equal(images, reference.images)
+  np.testing.assert_array_equal(labels, reference.target)
+  assert labels.dtype == np.int32
+
+
+def test_digits_fall_back_to_scikit_learn_where_its_file_is_elsewhere(monkeypatch, tmp_path):
+  spec = importlib.util.find_spec('sklearn')
+  moved = importlib.machinery.ModuleSpec('sklearn', None, is_package=True)
+  moved.submodule_search_locations = [str(tmp_path)]  # holds no datasets/data/digits.csv.gz
+  monkeypatch.setattr(importlib.util, 'find_spec',
+                      lambda name, *a: moved if name == 'sklearn' else spec)
+  images, labels = readers.digits_arrays()
+  assert images.shape == (1797, 8, 8) and labels.shape == (1797,)
+  monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None)
+  with pytest.raises(sources.DataError, match='pip install scikit-learn'):
+    readers.digits_arrays()
 
 
 def test_digits_splits_balanced_disjoint_and_long_tailed():

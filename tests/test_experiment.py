@@ -73,9 +73,9 @@ def trained(tmp_path_factory):
 
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(train, 'train_and_evaluate', counting_train)
-    # Two of the 8 test devices: the runs test bookkeeping, and 8-way collectives
-    # on 2 cores would only slow them down.
-    mesh_over_first(patch, 2)
+    # One of the 8 test devices: the runs test bookkeeping, and collectives on 2 cores
+    # would only slow them down.
+    mesh_over_first(patch, 1)
     with pytest.MonkeyPatch.context() as stop:
       # As if SIGTERM arrived during step STOP_AT of the first run.
       stop.setattr(workdir_lib.StopRequest, 'reached', lambda self, step: step >= STOP_AT)
