@@ -31,10 +31,10 @@ jax.config.update('jax_compilation_cache_dir', str(CACHE_DIR))
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
 
 
-# `make test` hands whole files to its two pytest-xdist workers (--dist loadfile, so a
+# `make test` hands whole files to its three pytest-xdist workers (--dist loadfile, so a
 # module's fixtures run once) in collection order (--no-loadscope-reorder): each
 # worker starts with two files and takes the next when one is done. Slowest first,
-# so that both workers finish at about the same time.
+# so that the workers finish at about the same time.
 SLOW_FILES_FIRST = ('test_experiment.py', 'test_real_data_fashion.py', 'test_reliability.py',
                     'test_real_data.py', 'test_end_to_end.py', 'test_sources_end_to_end.py',
                     'test_predict.py', 'test_multiprocess.py', 'test_steps.py', 'test_benchmark.py',
