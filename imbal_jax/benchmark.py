@@ -37,7 +37,7 @@ from ml_collections import config_flags
 from imbal_jax import configuration, distributed, host_memory, sharding, stages
 from imbal_jax import steps as steps_lib
 from imbal_jax.data import pipeline, sources
-from imbal_jax.flops import peak_flops, step_flops
+from imbal_jax.flops import matmul_flops, peak_flops
 from imbal_jax.models import (ARCHITECTURES, LinearHead, Stage1Net, encoder_variables,
                               make_encoder)
 
@@ -222,7 +222,8 @@ def benchmark_step(stage: str, config, *, image_size: int | None = None, num_cla
   shape = image_shape(config, image_size)
   jitted, args = build_step(stage, config, shape, num_classes, mesh, dtype)
   start = time.perf_counter()
-  compiled = jitted.lower(*args).compile()  # what the first call would spend
+  traced = jitted.trace(*args)
+  compiled = traced.lower().compile()  # what the first call would spend
   compile_seconds = time.perf_counter() - start
   times, state = _time_compiled(compiled, args, steps, warmup)
 
@@ -233,12 +234,12 @@ def benchmark_step(stage: str, config, *, image_size: int | None = None, num_cla
             'step_seconds_p90': float(np.percentile(times, 90)),
             'images_per_sec': config.batch_size / median}
   # FLOPs of the global step (all devices), against the peak of all devices.
-  flops = step_flops(jitted, args)
+  flops = matmul_flops(traced.jaxpr.jaxpr)
   peak = peak_flops(record['device_kind'], dtype)
   peak = None if peak is None else peak * mesh.devices.size
-  achieved = None if flops is None else flops / median
+  achieved = flops / median
   record.update(flops_per_step=flops, achieved_flops_per_sec=achieved, peak_flops_per_sec=peak,
-                mfu=None if achieved is None or peak is None else achieved / peak)
+                mfu=None if peak is None else achieved / peak)
   if profile_dir is not None:
     record['profile'] = profile_compiled(compiled, (state,) + args[1:],
                                          os.path.join(profile_dir, stage))

@@ -64,8 +64,8 @@ def matmul_flops(jaxpr) -> float:
   XLA's own cost analysis is not used: on GPU and TPU (PJRT plugins) it is not
   available before compilation, and after compilation it counts GPU convolutions,
   which XLA hands to cuDNN, as zero (measured on an H100: 132 GFLOP for a
-  ResNet-50 224 px stage-1 step at batch 256, against about 6.1 TFLOP of
-  convolutions).
+  ResNet-50 224 px stage-1 step at batch 256, which this count puts at 6.25
+  TFLOP and XLA's CPU analysis of the same program at 6.11).
   """
   total = 0.0
   for eqn in jaxpr.eqns:
