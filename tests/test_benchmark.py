@@ -113,7 +113,7 @@ def test_benchmark_functions_in_process(command_records, devices):
   # Whatever this test process's allocator is (an earlier in-process command may have
   # set it before the backends started), the record reports it.
   assert record['host_memory_retained'] is host_memory.retained()
-  # The same program as the command's: XLA counts the same FLOPs.
+  # The same program as the command's: the same FLOP count.
   assert record['flops_per_step'] == command_records[1]['flops_per_step']
   # The count is the global step's, however many devices share it.
   one_device = benchmark.benchmark_step('stage2', config, steps=1, warmup=0,
