@@ -30,8 +30,8 @@ demo: $(STAMP)
 # Three pytest workers share the cores, each taking whole files (so a module's fixtures
 # run once), the slowest first (tests/conftest.py orders them). Three, not one per core:
 # the tests wait on subprocesses, checkpoint writes and process start-ups, and on the
-# 2-core development machine three workers took 7:45 where two took 9:34 (fresh
-# clones, cold compilation cache). The multi-process tests then run alone, since their
+# 2-core development machine three workers took 7:45 to 9:20 (3 runs) where two took
+# 9:34 and 9:41 (fresh clones, cold compilation cache). The multi-process tests then run alone, since their
 # processes must meet within gloo's fixed 30 s rendezvous limit.
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 3 --dist loadfile --no-loadscope-reorder -m 'not multiprocess'
