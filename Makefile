@@ -31,8 +31,8 @@ demo: $(STAMP)
 # run once), the slowest first (tests/conftest.py orders them). Three, not one per core:
 # the tests wait on subprocesses, checkpoint writes and process start-ups, and on the
 # 2-core development machine three workers took 7:45 to 9:20 (3 runs) where two took
-# 9:34 and 9:41 (fresh clones, cold compilation cache). The multi-process tests then run alone, since their
-# processes must meet within gloo's fixed 30 s rendezvous limit.
+# 9:34 and 9:41 (fresh clones, cold compilation cache). The multi-process tests then
+# run alone, since their processes must meet within gloo's fixed 30 s rendezvous limit.
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 3 --dist loadfile --no-loadscope-reorder -m 'not multiprocess'
 	$(BIN)/python -m pytest -m multiprocess
