@@ -8,7 +8,7 @@ In priority order, each result appended to DIR/gpu_results.jsonl as soon as it i
      parameters and batch: the mixed-precision check on the hardware it is meant for.
   2. The stage-1 step of the `isic2019` preset (ResNet-50, 224 px, CE + SupCon) in
      bfloat16 at global batch 256, with a 3-step trace (DIR/profile_summary.json, the
-     trace itself as DIR/stage1.xplane.pb).
+     trace itself gzipped as DIR/stage1.xplane.pb.gz).
   3. Variants that say where the time goes: batch 128 (the preset's) and 512, the
      device augmentation reduced to flips, float32 (TF32), stage 2, and the
      `cifar10_lt` ResNet-32 row.
@@ -22,7 +22,6 @@ import argparse
 import collections
 import functools
 import gzip
-import importlib.util
 import json
 import os
 import pathlib
@@ -47,9 +46,7 @@ START = time.monotonic()
 
 
 def stage1_config(preset: str, **overrides):
-  spec = importlib.util.spec_from_file_location('cfg_stage1', ROOT / 'configs' / 'stage1.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = configuration.load_config_file(configuration.CONFIGS / 'stage1.py', 'gpu_check_stage1')
   config = module.get_config(preset)
   config.update(**overrides)
   return configuration.resolve(config)
