@@ -69,8 +69,12 @@ class ScalarWriter:
     # tensorboardX's synchronous writer rather than its SummaryWriter, whose
     # background thread flush() does not wait for: events said to be written
     # could be lost with the process.
+    # TensorBoard reads a directory's event files in name order, and the name starts
+    # with the second it was made in: within one second, the fixed-width writer
+    # number keeps a later writer after an earlier one (".10" would sort before ".9",
+    # and a resumed run's purge would then come before the points it hides).
     self._events = EventsWriter(str(self.logdir / 'events'),
-                                f'.{os.getpid()}.{next(_WRITER_IDS)}')
+                                f'.{os.getpid()}.{next(_WRITER_IDS):06d}')
     self._closed = False
     if purge_step is not None:
       self._events.write_event(event_pb2.Event(

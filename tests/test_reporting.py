@@ -1,8 +1,10 @@
 """report.json, the printed report and the TensorBoard curves."""
 
+import itertools
 import json
 import os
 import stat
+import time
 
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
@@ -47,6 +49,19 @@ def test_resumed_run_purges_the_steps_it_redoes(tmp_path):
     for step in (20, 30, 40):
       writer.write(step, {'loss': step + 0.5})
   assert len(list(tmp_path.iterdir())) == 2  # two event files, neither overwritten
+  assert read_scalars(tmp_path) == {'loss': [(10, 10.0), (20, 20.5), (30, 30.5), (40, 40.5)]}
+
+
+def test_resumed_run_purges_after_the_tenth_writer_of_a_process(tmp_path, monkeypatch):
+  # Writers 9 and 10 of one process within one second: their files must sort in order.
+  monkeypatch.setattr(reporting, '_WRITER_IDS', itertools.count(9))
+  monkeypatch.setattr(time, 'time', lambda: 1_700_000_000.0)
+  with reporting.ScalarWriter(tmp_path) as writer:
+    for step in (10, 20, 30):
+      writer.write(step, {'loss': float(step)})
+  with reporting.ScalarWriter(tmp_path, purge_step=20) as writer:
+    for step in (20, 30, 40):
+      writer.write(step, {'loss': step + 0.5})
   assert read_scalars(tmp_path) == {'loss': [(10, 10.0), (20, 20.5), (30, 30.5), (40, 40.5)]}
 
 
