@@ -8,7 +8,8 @@ its training split. Prints one JSON line per stage ('stage1', 'stage2',
 'input_pipeline'): compile time, median and 90th-percentile step time, images/s,
 the FLOPs of the step's convolutions and matrix products (flops.matmul_flops)
 and, on accelerators whose peak is known, the model FLOP utilisation (MFU). Any
-config field can be overridden, e.g. --config.model=resnet50 --config.batch_size=64.
+config field can be overridden, e.g. --config.model=resnet50 --config.batch_size=64;
+--stages=stage1 times the stage-1 step alone.
 
 The steps are built as train.py builds them (same optimizer, partial-bound
 arguments, shardings, donation); the stage-2 step runs on a randomly
@@ -26,7 +27,7 @@ import pathlib
 import re
 import sys
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +43,8 @@ from imbal_jax.models import (ARCHITECTURES, LinearHead, Stage1Net, encoder_vari
                               make_encoder)
 
 STAGES = ('stage1', 'stage2')
+# What run() can time: the two steps and the host input pipeline, in this order.
+RECORDS = STAGES + ('input_pipeline',)
 DTYPES = ('float32', 'bfloat16', 'float16')
 # The optimizer schedule needs a length; it does not change the step's cost.
 _NOMINAL_STEPS_PER_EPOCH = 100
@@ -284,8 +287,14 @@ def time_input_pipeline(config, *, steps: int = 20, warmup: int = 3,
 
 def run(config, *, steps: int = 20, warmup: int = 3, image_size: int | None = None,
         num_classes: int = 10, dtype: str | None = None,
-        profile_dir: str | None = None) -> list[dict[str, Any]]:
-  """The three records: the stage-1 step, the stage-2 step and the input pipeline."""
+        profile_dir: str | None = None,
+        stages: Sequence[str] = RECORDS) -> list[dict[str, Any]]:
+  """One record per entry of `stages` (RECORDS: the stage-1 step, the stage-2 step,
+  the input pipeline), in RECORDS' order."""
+  unknown = [stage for stage in stages if stage not in RECORDS]
+  if unknown or not stages:
+    raise BenchmarkError(f'--stages={",".join(stages)!r}: choose one or more of '
+                         f'{",".join(RECORDS)}, comma-separated.')
   if config.stage != 'stage1':
     raise BenchmarkError('pass a stage-1 config (configs/stage1.py[:PRESET]): a stage-2 config '
                          'inherits its model and data from a stage-1 run; both steps are timed '
@@ -293,9 +302,10 @@ def run(config, *, steps: int = 20, warmup: int = 3, image_size: int | None = No
   config = configuration.resolve(config)
   records = [benchmark_step(stage, config, image_size=image_size, num_classes=num_classes,
                             steps=steps, warmup=warmup, dtype=dtype, profile_dir=profile_dir)
-             for stage in STAGES]
-  # After the steps, so that the pipeline's threads do not compete with them.
-  records.append(time_input_pipeline(config, steps=steps, warmup=warmup, dtype=dtype))
+             for stage in STAGES if stage in stages]
+  if 'input_pipeline' in stages:
+    # After the steps, so that the pipeline's threads do not compete with them.
+    records.append(time_input_pipeline(config, steps=steps, warmup=warmup, dtype=dtype))
   return records
 
 
@@ -314,6 +324,8 @@ def define_flags():
                       f'Also trace {PROFILE_STEPS} steps of each stage after the timed ones into '
                       'PROFILE_DIR/stage1 and PROFILE_DIR/stage2 (open with TensorBoard or XProf); '
                       "each step's record then lists the operations that took longest.")
+  flags.DEFINE_list('stages', list(RECORDS), 'What to time, comma-separated: '
+                    f'{", ".join(RECORDS)}.')
   flags.mark_flags_as_required(['config'])
 
 
@@ -334,7 +346,7 @@ def main(argv):
   try:
     records = run(config, steps=FLAGS.steps, warmup=FLAGS.warmup, image_size=FLAGS.image_size,
                   num_classes=FLAGS.num_classes, dtype=FLAGS.dtype,
-                  profile_dir=FLAGS.profile_dir)
+                  profile_dir=FLAGS.profile_dir, stages=FLAGS.stages)
   except (BenchmarkError, configuration.ConfigError) as error:
     print(f'imbal_jax: benchmark error: {error}', file=sys.stderr)
     sys.exit(2)

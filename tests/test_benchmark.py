@@ -124,6 +124,17 @@ def test_benchmark_functions_in_process(command_records, devices):
   assert inputs['images_per_sec'] > 0 and inputs['batch_seconds_median'] > 0
 
 
+def test_run_times_only_the_stages_asked_for(command_records, devices):
+  config = stage1_config(**TINY)
+  records = benchmark.run(config, steps=1, warmup=0, stages=['input_pipeline', 'stage2'])
+  # In RECORDS' order whatever the order asked; stage 1 is not compiled at all.
+  assert [r['stage'] for r in records] == ['stage2', 'input_pipeline']
+  assert records[0]['flops_per_step'] == command_records[1]['flops_per_step']
+  for stages in (['stage3'], [], ['stage1', 'Stage2']):
+    with pytest.raises(benchmark.BenchmarkError, match='choose one or more of stage1,stage2'):
+      benchmark.run(config, stages=stages)
+
+
 def test_command_rejects_a_stage2_config():
   result = run_command('--config=configs/stage2.py', '--steps=1')
   assert result.returncode == 2 and 'stage-1 config' in result.stderr
@@ -218,3 +229,68 @@ def test_matmul_flops_of_resnet50_match_published_counts():
   xla = forward.lower(variables, image).cost_analysis()
   if jax.default_backend() == 'cpu':
     assert 0.95 < xla['flops'] / count < 1.0
+
+
+def load_versus_pytorch():
+  spec = importlib.util.spec_from_file_location('versus_pytorch',
+                                                ROOT / 'benchmarks' / 'versus_pytorch.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def fake_python(tmp_path, body):
+  path = tmp_path / 'python'
+  path.write_text(f'#!/bin/sh\n{body}\n')
+  path.chmod(0o755)
+  return str(path)
+
+
+def test_versus_pytorch_summary_against_plain_arithmetic():
+  versus = load_versus_pytorch()
+  pairs = [(150.0, 200.0), (210.0, 200.0), (90.0, 100.0), (100.0, 100.0)]
+  summary = versus.summarise(pairs)
+  assert summary['ratios'] == [0.75, 1.05, 0.9, 1.0]
+  assert summary['median_ratio'] == pytest.approx((0.9 + 1.0) / 2)
+  assert (summary['min_ratio'], summary['max_ratio']) == (0.75, 1.05)
+  assert summary['rounds'] == 4 and summary['rounds_imbal_jax_not_slower'] == 2
+  with pytest.raises(ValueError):
+    versus.summarise([])
+
+
+def test_versus_pytorch_reads_the_last_matching_record():
+  versus = load_versus_pytorch()
+  stdout = '\n'.join(['W0000 a log line', json.dumps({'stage': 'stage1', 'images_per_sec': 1}),
+                      json.dumps({'stage': 'stage2'}), json.dumps({'stage': 'stage1', 'n': 2})])
+  assert versus.last_json(stdout, 'stage', 'stage1') == {'stage': 'stage1', 'n': 2}
+  with pytest.raises(versus.CommandError, match='no JSON line with framework'):
+    versus.last_json(stdout, 'framework', 'pytorch')
+
+
+def test_versus_pytorch_without_torch_says_so(tmp_path, capsys):
+  versus = load_versus_pytorch()
+  assert versus.main(['--torch_python', fake_python(tmp_path, 'exit 1')]) == 0
+  record = json.loads(capsys.readouterr().out)
+  assert record['skipped'] is True and '--torch_python' in record['note']
+
+
+def test_versus_pytorch_alternates_and_summarises(tmp_path, capsys, monkeypatch):
+  versus = load_versus_pytorch()
+  # A stand-in for an interpreter with PyTorch: imports succeed, the step prints a record.
+  torch = fake_python(tmp_path, 'echo "{\\"framework\\": \\"pytorch\\", \\"images_per_sec\\": '
+                                '200.0, \\"threads\\": 2, \\"torch\\": \\"fake\\"}"')
+  speeds = iter([180.0, 220.0, 200.0])
+  calls = []
+
+  def jax_round(steps, devices):
+    calls.append((steps, devices))
+    return {'stage': 'stage1', 'images_per_sec': next(speeds), 'device_count': devices}
+
+  monkeypatch.setattr(versus, 'jax_round', jax_round)
+  assert versus.main(['--torch_python', torch, '--rounds=3', '--steps=4',
+                      '--jax_devices=1']) == 0
+  lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert calls == [(4, 1)] * 3
+  assert [line['ratio'] for line in lines[:3]] == [0.9, 1.1, 1.0]
+  assert lines[3]['summary'] is True and lines[3]['median_ratio'] == 1.0
+  assert lines[3]['rounds_imbal_jax_not_slower'] == 2
