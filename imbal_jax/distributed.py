@@ -140,7 +140,9 @@ def use_cpu_cores(batch_sizes: Sequence[int], cores: int | None = None) -> int |
   """On CPU, one JAX device per core, so that the data-parallel step spreads over the cores.
 
   A single CPU device left this project's stage-1 step short of the cores'
-  throughput (2 cores: 105 images/s on 1 device, 150 on 2), so the batch is split over
+  throughput while XLA ran convolutions through YNNPACK (2 cores: 105 images/s on 1
+  device, 150 on 2; with Eigen's convolutions, since, the two are within the noise
+  of each other on 2 cores: README, Speed), so the batch is split over
   `cpu_device_count(batch_sizes)` devices instead (JAX's `jax_num_cpu_devices`,
   which does not touch GPU or TPU backends). Returns the count chosen, or None
   where the user chose one (`JAX_NUM_CPU_DEVICES`, XLA_FLAGS'
