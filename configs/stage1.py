@@ -47,7 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
   # None keeps the data's own class distribution; >= 1 subsamples training to that ratio.
   config.imbalance_ratio = config_dict.placeholder(float)
   config.split_seed = 0  # fixes val/test where the data set has none
-  config.val_fraction = 0.1
+  config.val_fraction = 0.1  # of what is left after the test split
   config.test_fraction = 0.2
   config.sampler = 'instance'
   # True: half of each batch from the sampler, each followed by another image of its

@@ -31,12 +31,19 @@ class CheckpointError(RuntimeError):
 
 def _unreadable(directory, step, error, others) -> CheckpointError:
   detail = str(error).strip().splitlines()[0][:300] if str(error).strip() else ''
-  fallback = (f'delete {directory}/{step} to resume from step {max(others)}'
-              if others else f'delete {directory} to start this stage again')
+  directory = pathlib.Path(directory)
+  if directory.name == 'best':  # the selected model: training again is the only way back
+    fallback = (f'train the stage of {directory.parent} again, in a new --workdir or after '
+                f'deleting {directory.parent}')
+  elif others:
+    fallback = (f'delete {directory}/{step} to resume from step {max(others)}, or use a new '
+                '--workdir')
+  else:
+    fallback = (f'delete {directory.parent} to start this stage again, or use a new '
+                '--workdir')
   return CheckpointError(
       f'the checkpoint {directory}/{step} cannot be read ({type(error).__name__}: {detail}). '
-      f'It is truncated, corrupt or was written by another program: {fallback}, or use a new '
-      '--workdir.')
+      f'It is truncated, corrupt or was written by another program: {fallback}.')
 
 
 def _is_disk_full(error: BaseException) -> bool:
@@ -125,9 +132,15 @@ class Checkpoints:
       others = [s for s in self._latest.all_steps() if s != step]
       raise _unreadable(self._latest.directory, step, error, others) from error
 
-  def save_best(self, step: int, variables, info: dict[str, Any]) -> None:
+  def save_best(self, step: int, variables, info: dict[str, Any], replace: bool = False) -> None:
+    """Saves the selected model of `step`. A step already saved is kept (re-reached after
+    a resume: same step, same values) unless `replace` (a closed-form fit, redone with
+    the run's current config)."""
     if step in self._best.all_steps():
-      return  # Re-reached after a resume: same step, same deterministic values.
+      if not replace:
+        return
+      self._best.wait_until_finished()
+      self._best.delete(step)
     self._guarded(lambda: self._best.save(step, args=ocp.args.Composite(
         variables=ocp.args.StandardSave(variables), info=ocp.args.JsonSave(info))),
                   f'the selected model of step {step}')

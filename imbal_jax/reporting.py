@@ -58,9 +58,10 @@ class MetricsLog:
 class ScalarWriter:
   """Scalar training curves in TensorBoard's event format: `tensorboard --logdir=DIR`.
 
-  `purge_step`: when a run resumes from a checkpoint at step T, pass T, and
-  TensorBoard hides the points at steps >= T that the interrupted run wrote
-  after that checkpoint, so the curves do not double back.
+  `purge_step`: TensorBoard hides the points at steps >= purge_step written by
+  earlier writers. A run resumed from a checkpoint at step T writes from step T + 1
+  on, so it passes T + 1: the interrupted run's points after the checkpoint go, so
+  the curves do not double back, and those at T and before stay.
   """
 
   def __init__(self, logdir: str | pathlib.Path, purge_step: int | None = None):

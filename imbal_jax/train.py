@@ -44,23 +44,47 @@ def evaluate(eval_fn, variables, split: sources.Split, batch_size: int, mesh) ->
   return np.concatenate(outputs)[:len(split)]
 
 
-def describe_data(dataset: sources.Dataset, seed: int) -> dict[str, Any]:
-  """What the run saw: classes, counts per split, pixel statistics, the split spec."""
-  train = dataset.splits['train']
-  # Pixel statistics from up to 10,000 training images (all of them for small sets).
-  sample = np.random.default_rng(seed).permutation(len(train))[:10_000]
-  pixels = train.take(np.sort(sample)).astype(np.float64) / 255.0
+# Pixel statistics come from up to this many training images (all of them for small sets),
+# read this many at a time: float64 copies of 10,000 images at 224 px would take 12 GB.
+PIXEL_SAMPLE, PIXEL_CHUNK = 10_000, 64
+
+
+def pixel_statistics(split: sources.Split, seed: int) -> tuple[list[float], list[float]]:
+  """Per-channel mean and standard deviation of pixels / 255 over a seeded sample of
+  `split` (two passes over chunks, in float64; the std floored at 1e-3 so that a
+  constant channel, e.g. a blank border, does not divide by zero)."""
+  sample = np.sort(np.random.default_rng(seed).permutation(len(split))[:PIXEL_SAMPLE])
+  chunks = [sample[start:start + PIXEL_CHUNK] for start in range(0, len(sample), PIXEL_CHUNK)]
+  channels = split.image_shape[-1]
+  per_channel = len(sample) * int(np.prod(split.image_shape[:-1]))
+
+  def pixels(rows):
+    return split.take(rows).astype(np.float64).reshape(-1, channels) / 255.0
+
+  mean = sum(pixels(rows).sum(axis=0) for rows in chunks) / per_channel
+  variance = sum(np.square(pixels(rows) - mean).sum(axis=0) for rows in chunks) / per_channel
+  return mean.tolist(), np.maximum(np.sqrt(variance), 1e-3).tolist()
+
+
+def describe_data(dataset: sources.Dataset, seed: int,
+                  pixel_stats: tuple[list[float], list[float]] | None = None) -> dict[str, Any]:
+  """What the run saw: classes, counts per split, pixel statistics, the split spec.
+
+  `pixel_stats` (mean, std) are used as given where the run must normalise as an
+  earlier one did (stage 2 feeds the stage-1 encoder); else pixel_statistics.
+  """
+  mean, std = pixel_stats or pixel_statistics(dataset.splits['train'], seed)
   return {
       'dataset': dataset.name,
       'class_names': list(dataset.class_names),
       'image_shape': list(dataset.image_shape),
       'counts': {split: dataset.class_counts(split).tolist() for split in sources.SPLITS},
       'sizes': {split: len(dataset.splits[split]) for split in sources.SPLITS},
-      'pixel_mean': pixels.mean(axis=(0, 1, 2)).tolist(),
-      # A floor keeps constant channels (blank borders) from dividing by zero.
-      'pixel_std': np.maximum(pixels.std(axis=(0, 1, 2)), 1e-3).tolist(),
+      'pixel_mean': list(mean),
+      'pixel_std': list(std),
       'notes': list(dataset.notes),
       'spec': sources.spec_to_json(dataset.spec),
+      'source_fingerprint': dataset.fingerprint,
   }
 
 
@@ -69,10 +93,21 @@ def load_dataset(config, workdir: pathlib.Path) -> sources.Dataset:
   saved = workdir / 'data.json'
   if config.stage == 'stage2':
     saved = pathlib.Path(config.init_from) / 'data.json'
-  spec = None
+  spec = fingerprint = None
   if saved.is_file():
-    spec = sources.spec_from_json(json.loads(saved.read_text())['spec'])
-  return sources.load(config, spec)
+    payload = json.loads(saved.read_text())
+    spec = sources.spec_from_json(payload['spec'])
+    # Absent from workdirs written before it existed: those are not checked.
+    fingerprint = payload.get('source_fingerprint')
+  return sources.load(config, spec, fingerprint, str(saved))
+
+
+def stage1_pixel_stats(config) -> tuple[list[float], list[float]] | None:
+  """Stage 2: the pixel statistics the stage-1 encoder was trained with (its data.json)."""
+  if config.stage != 'stage2':
+    return None
+  info = json.loads((pathlib.Path(config.init_from) / 'data.json').read_text())
+  return info['pixel_mean'], info['pixel_std']
 
 
 def _environment() -> dict[str, Any]:
@@ -117,17 +152,26 @@ def _closing_on_error(ckpt, progress, data_iterator):
     raise
 
 
-def _check_finite(state, measurements, config, ckpt, workdir, done) -> int:
-  """Stops on a refused (non-finite) update unless config.skip_nonfinite; returns the count."""
+def _check_finite(state, measurements, config, ckpt, workdir, done, baseline: int) -> int:
+  """Stops on a refused (non-finite) update unless config.skip_nonfinite; returns the count.
+
+  Called at log steps and before every save, so that no checkpoint holds an update
+  refused in this run (a resumed run would otherwise carry it on unnoticed).
+  `baseline` is the count the run started with (updates skipped earlier with
+  skip_nonfinite=True, in a run since continued with --force).
+  """
   count = int(state.nonfinite_steps)
-  if count and not config.skip_nonfinite:
+  if count > baseline and not config.skip_nonfinite:
+    measurements = {k: float(v) for k, v in jax.device_get(measurements).items()}
     terms = ', '.join(f'{k}={v:.4g}' for k, v in measurements.items())
     last_good = (f'step {ckpt.latest_step} in {workdir / "checkpoints"}'
                  if ckpt.latest_step is not None else 'none yet')
+    where = (f'at step {int(state.first_nonfinite_step)}' if baseline == 0
+             else f'in {count - baseline} step(s) of this run')
     raise FloatingPointError(
-        f'non-finite loss or gradients at step {int(state.first_nonfinite_step)} (seen at step '
-        f'{done}; last logged terms: {terms}). The update was not applied. Last good '
-        f'checkpoint: {last_good}. Lower '
+        f'non-finite loss or gradients {where} (seen at step {done}; terms at that step: '
+        f'{terms}). The update was not applied. '
+        f'Last good checkpoint: {last_good}. Lower '
         'config.learning_rate, check the data, or set config.skip_nonfinite=True to skip '
         'such updates and count them.')
   return count
@@ -156,9 +200,11 @@ def _fit_closed_form(stage: stages.Stage, ckpt, dataset: sources.Dataset, data_i
                              data_info['counts']['train'], groups)[SELECTION_METRIC]
 
   state, best_score = stage.fit(score)
+  # A rerun (e.g. --force with another tau grid) fits again: its fit replaces the saved one,
+  # so that the report's settings and the model it evaluates agree.
   ckpt.save_best(0, stage.eval_variables(state), {'step': 0, 'epoch': 0, 'split': 'val',
                                                   'metric': SELECTION_METRIC,
-                                                  'score': best_score})
+                                                  'score': best_score}, replace=True)
   return state
 
 
@@ -181,7 +227,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   is_writer = jax.process_index() == 0
 
   dataset = load_dataset(config, workdir)
-  data_info = describe_data(dataset, config.seed)
+  data_info = describe_data(dataset, config.seed, stage1_pixel_stats(config))
   if is_writer:
     counts = ', '.join(f'{n}: {c}' for n, c in zip(dataset.class_names, data_info['counts']['train']))
     print(f'{dataset.name}: {data_info["sizes"]} images per split; training images per class: '
@@ -209,8 +255,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     except checkpoint.CheckpointError:
       ckpt.close()
       raise
-    print(f'Resuming {config.stage} from step {int(state.step)} ({workdir / "checkpoints"}).')
+    if is_writer:
+      print(f'Resuming {config.stage} from step {int(state.step)} ({workdir / "checkpoints"}).')
   start_step = int(state.step)
+  nonfinite_at_start = int(state.nonfinite_steps)
   if stage.train_step is None:  # a closed-form stage 2: no steps, so no pipeline or workers
     data_iterator = _NoBatches()
   else:
@@ -227,7 +275,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   val_log = reporting.MetricsLog(workdir / 'val_metrics.jsonl')
   groups = frequency_groups(config)
   total_steps = batches.total_steps if stage.train_step else 0
-  curves = reporting.ScalarWriter(workdir / 'tensorboard', purge_step=start_step or None) \
+  # The loop writes from step start_step + 1: the interrupted run's points up to the
+  # checkpoint's step stay (as in metrics.jsonl), later ones are hidden.
+  curves = reporting.ScalarWriter(workdir / 'tensorboard',
+                                  purge_step=start_step + 1 if start_step else None) \
       if is_writer else None
   progress = tqdm(total=total_steps, initial=start_step, desc=config.stage, unit='step',
                   disable=not is_writer or not total_steps, dynamic_ncols=True)
@@ -240,7 +291,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       progress.update(1)
       if _is_log_step(done, config, total_steps):
         measurements = {k: float(v) for k, v in jax.device_get(measurements).items()}
-        skipped = _check_finite(state, measurements, config, ckpt, workdir, done)
+        skipped = _check_finite(state, measurements, config, ckpt, workdir, done,
+                                nonfinite_at_start)
         now = time.perf_counter()
         images_per_sec = (done - last_log_step) * config.batch_size / (now - last_log_time)
         last_log_time, last_log_step = now, done
@@ -254,6 +306,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         progress.set_postfix(loss=f"{measurements['loss']:.3f}", img_s=f'{images_per_sec:.0f}')
       epoch_done = done % batches.steps_per_epoch == 0
       epoch = done // batches.steps_per_epoch
+      if epoch_done and not config.skip_nonfinite:  # before evaluating and saving
+        _check_finite(state, measurements, config, ckpt, workdir, done, nonfinite_at_start)
       if epoch_done and (epoch % config.eval_every_epochs == 0 or done == total_steps):
         probabilities = evaluate(eval_fn, stage.eval_variables(state), dataset.splits['val'],
                                  config.eval_batch_size, mesh)
@@ -273,6 +327,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if epoch_done and (epoch % config.checkpoint_every_epochs == 0 or done == total_steps):
         ckpt.save_state(done, state, bookkeeping)
       elif stopping:
+        if not config.skip_nonfinite:
+          _check_finite(state, measurements, config, ckpt, workdir, done, nonfinite_at_start)
         ckpt.save_state(done, state, bookkeeping)
       if stopping and done < total_steps:
         progress.close()

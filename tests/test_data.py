@@ -295,3 +295,80 @@ def test_train_batches_are_right_when_threads_cross_epoch_boundaries():
     results = list(pool.map(batches.indices, steps))
   for step, got in zip(steps, results):
     np.testing.assert_array_equal(got, expected[step])
+
+
+def test_fingerprint_names_what_changed_in_the_source():
+  source = make_source([50, 30, 10])
+  saved = sources.source_fingerprint(source)
+  assert sources.source_fingerprint(make_source([50, 30, 10])) == saved
+  sources.check_fingerprint(saved, saved, 'toy', 'data.json')  # unchanged: accepted
+  grown = sources.source_fingerprint(make_source([51, 30, 10]))
+  with pytest.raises(sources.DataError, match='train part had 90 images, now 91'):
+    sources.check_fingerprint(saved, grown, 'toy', 'data.json')
+  # Same count, one image moved from class 1 to class 0: other labels at the same rows.
+  with pytest.raises(sources.DataError, match='same 90 images but other labels or order'):
+    sources.check_fingerprint(saved, sources.source_fingerprint(make_source([51, 29, 10])),
+                              'toy', 'data.json')
+  with_test = dict(saved, test={'images': 5, 'labels_sha256': '0' * 64})
+  with pytest.raises(sources.DataError, match='has a test part it did not have'):
+    sources.check_fingerprint(saved, with_test, 'toy', 'runs/a/data.json')
+
+
+def test_load_refuses_a_source_that_no_longer_matches_its_saved_splits():
+  data = sources.load(digits_config())
+  assert set(data.fingerprint) == {'train', 'val', 'test'}  # digits ships three parts
+  spec = sources.spec_from_json(sources.spec_to_json(data.spec))
+  again = sources.load(digits_config(), spec, data.fingerprint)
+  np.testing.assert_array_equal(again.splits['train'].index, data.splits['train'].index)
+  tampered = dict(data.fingerprint, train=dict(data.fingerprint['train'], images=1))
+  with pytest.raises(sources.DataError, match=r"config.dataset='digits' changed since "
+                     r"runs/x/data.json was written: its train part had 1 images"):
+    sources.load(digits_config(), spec, tampered, 'runs/x/data.json')
+
+
+def test_each_process_reads_only_its_slice_of_an_evaluation_batch(monkeypatch):
+  import jax
+  read = []
+
+  class CountingSplit(sources.Split):
+    def take(self, rows):
+      read.extend(np.asarray(rows).tolist())
+      return super().take(rows)
+
+  split = CountingSplit(np.arange(21, dtype=np.uint8).reshape(21, 1, 1, 1),
+                        np.arange(21, dtype=np.int32))
+  monkeypatch.setattr(jax, 'process_count', lambda: 4)
+  for process in range(4):
+    monkeypatch.setattr(jax, 'process_index', lambda p=process: p)
+    read.clear()
+    batches = list(pipeline.eval_batches(split, batch_size=8))
+    # The global batches [0..7], [8..15], [16..20 + 3 padding], sliced 2 per process.
+    mine = [row for first in (0, 8, 16) for row in range(first + 2 * process,
+                                                         first + 2 * process + 2) if row < 21]
+    assert read == mine  # no row of another process is read
+    for batch, first in zip(batches, (0, 8, 16)):
+      rows = np.arange(first + 2 * process, first + 2 * process + 2)
+      assert len(batch['label']) == 2 and batch['image'].shape == (2, 1, 1, 1)
+      np.testing.assert_array_equal(batch['mask'], (rows < 21).astype(np.float32))
+      np.testing.assert_array_equal(batch['label'], np.where(rows < 21, rows, 0))
+
+
+def test_a_memory_mapped_split_pickles_as_its_path(tmp_path):
+  import pickle
+  images = np.random.default_rng(0).integers(0, 256, (400, 16, 16, 3), dtype=np.uint8)
+  np.save(tmp_path / 'images.npy', images)
+  mapped = np.load(tmp_path / 'images.npy', mmap_mode='r')
+  split = sources.Split(mapped, np.arange(400, dtype=np.int32) % 3).subset(np.arange(0, 400, 7))
+  payload = pickle.dumps(split)
+  assert len(payload) < images.nbytes / 20  # the path and the labels, not the pixels
+  again = pickle.loads(payload)
+  assert isinstance(again.images, np.memmap)
+  np.testing.assert_array_equal(again.take(np.arange(len(again))), images[::7])
+  np.testing.assert_array_equal(again.labels, split.labels)
+  # An in-memory split still pickles by value.
+  plain = sources.Split(images[:10], np.zeros(10, np.int32))
+  np.testing.assert_array_equal(pickle.loads(pickle.dumps(plain)).images, images[:10])
+  # A cache rewritten with another shape while in use is refused by name.
+  np.save(tmp_path / 'images.npy', images[:5])
+  with pytest.raises(sources.DataError, match='images.npy changed while the run'):
+    pickle.loads(payload)

@@ -10,6 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import ROOT, subprocess_env
+from test_reporting import read_scalars
 
 # ResNet-18 at width 4 compiles in half the time of ResNet-32. The same model, batch,
 # length and device count as test_reliability's runs: they share compiled programs
@@ -122,6 +123,13 @@ def test_rerun_resumes_from_latest_checkpoint(runs, tmp_path):
   after = [r for r in resumed if r['step'] > resume_at]
   np.testing.assert_allclose([r['loss'] for r in after], [original[r['step']] for r in after],
                              rtol=1e-4)
+  # TensorBoard shows what metrics.jsonl holds: the points up to the checkpoint (the
+  # one at resume_at included) from the first run, the later ones from the resumed run.
+  curves = read_scalars(workdir / 'tensorboard')
+  assert [step for step, _ in curves['train/loss']] == [r['step'] for r in resumed]
+  val_steps = [r['step'] for r in read_jsonl(workdir / 'val_metrics.jsonl')]
+  assert resume_at in val_steps
+  assert [step for step, _ in curves['val/balanced_accuracy']] == val_steps
 
 
 def test_one_and_two_devices_log_the_same_first_step_loss(runs, tmp_path):

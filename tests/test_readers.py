@@ -225,6 +225,24 @@ def test_prepare_writes_a_cache_that_reads_back_identically(tmp_path):
     readers.prepared(cfg(data_path=str(tmp_path / 'cache')))
 
 
+@pytest.mark.parametrize('damage,message', [
+    (lambda d: (d / 'meta.json').write_text('{"name": "x"'), r'meta.json cannot be read'),
+    (lambda d: (d / 'meta.json').write_text('{"name": "x"}'), r'meta.json cannot be read'),
+    (lambda d: (d / 'labels.npy').unlink(), r'labels.npy cannot be read'),
+    (lambda d: (d / 'images.npy').write_bytes(b'\x93NUMPY broken'), r'images.npy cannot be read'),
+    (lambda d: np.save(d / 'parts.npy', np.zeros(4, np.int8)), r'do not describe the same images'),
+    (lambda d: np.save(d / 'labels.npy', np.full(9, 3)), r'labels.npy holds values outside 0..2'),
+    (lambda d: np.save(d / 'parts.npy', np.full(9, -1)), r'parts.npy holds values outside 0..2'),
+])
+def test_a_damaged_prepared_cache_is_refused_by_name(tmp_path, damage, message):
+  make_folder_tree(tmp_path / 'data')
+  prepare.prepare('folder', str(tmp_path / 'data'), str(tmp_path / 'cache'), image_size=5)
+  damage(tmp_path / 'cache')
+  with pytest.raises(DataError, match=rf'{tmp_path / "cache"} is damaged or incomplete: '
+                     rf'.*{message}.*Run the prepare command again'):
+    readers.prepared(cfg(data_path=str(tmp_path / 'cache')))
+
+
 def test_prepared_cache_trains_through_the_protocol(tmp_path):
   make_folder_tree(tmp_path / 'data')
   prepare.prepare('folder', str(tmp_path / 'data'), str(tmp_path / 'cache'), image_size=5)

@@ -1,6 +1,7 @@
 """Faults really caused: kill -9, SIGTERM, NaN, corrupt checkpoints, config mix-ups."""
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -109,6 +110,24 @@ def test_corrupt_checkpoint_gives_a_clear_error(uninterrupted, tmp_path):
   assert f'to resume from step {last - STEPS_PER_EPOCH}' in result.stderr
 
 
+def test_unreadable_selected_model_says_to_train_the_stage_again(uninterrupted, tmp_path):
+  # Rerunning the finished run trains nothing and then reads the selected model.
+  run_dir = tmp_path / 'corrupt_best'
+  shutil.copytree(uninterrupted, run_dir)
+  step = max(int(p.name) for p in (run_dir / 'best').iterdir() if p.name.isdigit())
+  for path in (run_dir / 'best' / str(step) / 'variables').rglob('*'):
+    if path.is_file() and path.parent.name == 'd':
+      path.write_bytes(path.read_bytes()[:10])
+  result = subprocess.run(command(run_dir), cwd=ROOT, env=environment(), capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 2, result.stderr[-3000:]
+  run = run_dir.absolute()
+  assert f'checkpoint error: the checkpoint {run}/best/{step} cannot be read' in result.stderr
+  # Deleting best/ alone would not help: the finished checkpoints would be resumed.
+  assert f'train the stage of {run} again, in a new --workdir or after deleting {run}.' \
+      in result.stderr
+
+
 def test_workdir_with_other_config_is_refused_then_forced(uninterrupted, tmp_path):
   run_dir = tmp_path / 'other'
   shutil.copytree(uninterrupted, run_dir)
@@ -135,10 +154,25 @@ def nan_config():
 
 def test_non_finite_loss_stops_with_step_and_terms(tmp_path):
   with pytest.raises(FloatingPointError,
-                     match=r'non-finite loss or gradients at step \d+ .*last logged terms: '
+                     match=r'non-finite loss or gradients at step \d+ .*terms at that step: '
                            r'.*loss=nan.*The update was not applied. Last good checkpoint: '
                            r'none yet'):
     train.train_and_evaluate(nan_config(), str(tmp_path / 'nan'))
+
+
+def test_no_checkpoint_holds_a_refused_update(tmp_path):
+  # An early update is refused, and no log step comes before the end of epoch 1: the
+  # run must stop there, before saving, not carry the refused update into the epoch-1
+  # checkpoint and stop at a later log step (a resume would then skip it unnoticed).
+  config = nan_config()
+  config.update(num_epochs=2, log_every_steps=1000)
+  with pytest.raises(FloatingPointError, match=r'Last good checkpoint: none yet') as error:
+    train.train_and_evaluate(config, str(tmp_path / 'nan'))
+  first, seen = map(int, re.search(r'at step (\d+) \(seen at step (\d+);',
+                                   str(error.value)).groups())
+  assert 1 < first < seen < 30  # after step 1's log, seen at the end of epoch 1 of 2
+  for kept in ('checkpoints', 'best'):  # neither the training state nor a selected model
+    assert not any((tmp_path / 'nan' / kept).glob('*')), kept
 
 
 def test_skip_nonfinite_skips_and_counts(tmp_path):

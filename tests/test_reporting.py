@@ -44,12 +44,13 @@ def test_resumed_run_purges_the_steps_it_redoes(tmp_path):
   with reporting.ScalarWriter(tmp_path) as writer:
     for step in (10, 20, 30):
       writer.write(step, {'loss': float(step)})
-  # Resumed from the checkpoint at step 20: the old point at 30 must not show.
-  with reporting.ScalarWriter(tmp_path, purge_step=20) as writer:
-    for step in (20, 30, 40):
+  # Resumed from the checkpoint at step 20, writing from step 21 (train.py passes 21):
+  # the old point at 30 must not show, the one at 20 stays.
+  with reporting.ScalarWriter(tmp_path, purge_step=21) as writer:
+    for step in (30, 40):
       writer.write(step, {'loss': step + 0.5})
   assert len(list(tmp_path.iterdir())) == 2  # two event files, neither overwritten
-  assert read_scalars(tmp_path) == {'loss': [(10, 10.0), (20, 20.5), (30, 30.5), (40, 40.5)]}
+  assert read_scalars(tmp_path) == {'loss': [(10, 10.0), (20, 20.0), (30, 30.5), (40, 40.5)]}
 
 
 def test_resumed_run_purges_after_the_tenth_writer_of_a_process(tmp_path, monkeypatch):

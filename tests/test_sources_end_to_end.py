@@ -90,3 +90,53 @@ def test_each_file_source_trains_both_stages(tmp_path, kind):
   if kind == 'isic':  # the CSV's one-hot columns, in file order: 30, 12 and 6 images
     assert sum(stage1['train_counts']) == stage1['split_sizes']['train']
   assert stage2['train_counts'] == stage1['train_counts']
+
+
+def test_an_image_added_to_the_folder_is_refused_on_resume(tmp_path):
+  # The saved splits are row positions: one more image shifts every later row, so
+  # saved test images would be read as training images. The run refuses instead.
+  write_class_folders(tmp_path / 'images', counts=(20, 20))
+  config = load_config('stage1')
+  config.update(dataset='folder', data_path=str(tmp_path / 'images'), image_size=8,
+                imbalance_ratio=None, val_fraction=0.2, test_fraction=0.2)
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  dataset = train.load_dataset(config, workdir)
+  (workdir / 'data.json').write_text(json.dumps(train.describe_data(dataset, config.seed)))
+  resumed = train.load_dataset(config, workdir)  # unchanged data: the same splits
+  for split in ('train', 'val', 'test'):
+    np.testing.assert_array_equal(resumed.splits[split].index, dataset.splits[split].index)
+  Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(tmp_path / 'images' / 'class_0' / '00.png')
+  with pytest.raises(train.sources.DataError, match=r"config.dataset='folder' at .*images "
+                     r"changed since .*data.json was written: its train part had 40 images, "
+                     r"now 41"):
+    train.load_dataset(config, workdir)
+
+
+def test_pixel_statistics_match_numpy_over_chunks(tmp_path, monkeypatch):
+  rng = np.random.default_rng(1)
+  images = rng.integers(0, 256, (50, 4, 5, 3), dtype=np.uint8)
+  images[..., 2] = 7  # a constant channel: its std is floored, not zero
+  split = train.sources.Split(images, np.zeros(50, np.int32))
+  monkeypatch.setattr(train, 'PIXEL_CHUNK', 8)  # several chunks, the last one short
+  monkeypatch.setattr(train, 'PIXEL_SAMPLE', 30)  # a sample of the split, seeded
+  mean, std = train.pixel_statistics(split, seed=3)
+  rows = np.sort(np.random.default_rng(3).permutation(50)[:30])
+  reference = images[rows].astype(np.float64) / 255.0
+  np.testing.assert_allclose(mean, reference.mean(axis=(0, 1, 2)), rtol=1e-12)
+  np.testing.assert_allclose(std[:2], reference.std(axis=(0, 1, 2))[:2], rtol=1e-12)
+  assert std[2] == 1e-3
+
+
+def test_stage2_normalises_with_the_stage1_statistics(tmp_path):
+  # Stage 2 feeds the stage-1 encoder, so it reuses the statistics stage 1 trained with
+  # rather than recomputing them from its own seed's sample.
+  (tmp_path / 'data.json').write_text(json.dumps({'pixel_mean': [0.1, 0.2, 0.3],
+                                                  'pixel_std': [0.4, 0.5, 0.6]}))
+  config = load_config('stage2')
+  config.update(init_from=str(tmp_path))
+  assert train.stage1_pixel_stats(config) == ([0.1, 0.2, 0.3], [0.4, 0.5, 0.6])
+  assert train.stage1_pixel_stats(load_config('stage1')) is None
+  dataset = train.sources.load(load_config('stage1'))  # digits
+  info = train.describe_data(dataset, 0, train.stage1_pixel_stats(config))
+  assert (info['pixel_mean'], info['pixel_std']) == ([0.1, 0.2, 0.3], [0.4, 0.5, 0.6])

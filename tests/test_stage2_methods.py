@@ -175,6 +175,17 @@ def test_posthoc_logit_adjustment_subtracts_tau_log_prior(stage1, reference, tmp
   probabilities = predicted(tmp_path / 'posthoc_la', reference['test']['images'])
   np.testing.assert_allclose(probabilities,
                              softmax(reference['test']['logits'] - tau * log_prior), atol=1e-5)
+  # Rerun with --force and a grid holding only tau = 0: the new fit is the model saved
+  # and evaluated, not the first run's.
+  assert tau > 0
+  rerun = train.train_and_evaluate(stage2_config(stage1, stage2_method='posthoc_la',
+                                                 tau_grid_max=0.0),
+                                   str(tmp_path / 'posthoc_la'), force=True)
+  assert rerun['stage2']['tau'] == 0.0
+  np.testing.assert_allclose(predicted(tmp_path / 'posthoc_la', reference['test']['images']),
+                             softmax(reference['test']['logits']), atol=1e-5)
+  assert rerun['test']['accuracy'] == pytest.approx(
+      np.mean(reference['test']['logits'].argmax(-1) == reference['test']['labels']))
 
 
 def test_ncm_is_cosine_to_the_normalised_class_means(stage1, reference, tmp_path):

@@ -65,21 +65,24 @@ class TrainBatches:
 
 
 def eval_batches(split: Split, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-  """This process's slices of padded global evaluation batches, with a 'mask'."""
+  """This process's slices of padded global evaluation batches, with a 'mask'.
+
+  Global batch b holds rows b * batch_size onwards, padded with zero images (mask 0)
+  at its end; each process reads only the rows of its own slice.
+  """
   per_process = batch_size // jax.process_count()
   start = jax.process_index() * per_process
+  shape = tuple(split.image_shape)
   for first in range(0, len(split), batch_size):
-    rows = np.arange(first, min(first + batch_size, len(split)))
-    images = split.take(rows)
+    rows = np.arange(first + start, min(first + start + per_process, len(split)))
+    pad = per_process - len(rows)
+    images = split.take(rows) if len(rows) else np.zeros((0,) + shape, np.uint8)
     labels = split.labels[rows]
-    pad = batch_size - len(labels)
-    mask = np.concatenate([np.ones(len(labels), np.float32), np.zeros(pad, np.float32)])
+    mask = np.concatenate([np.ones(len(rows), np.float32), np.zeros(pad, np.float32)])
     if pad:
       images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
       labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
-    yield {'image': images[start:start + per_process],
-           'label': labels[start:start + per_process],
-           'mask': mask[start:start + per_process]}
+    yield {'image': images, 'label': labels, 'mask': mask}
 
 
 def train_iterator(batches: TrainBatches, num_workers: int = 0, start_step: int = 0,

@@ -305,14 +305,29 @@ def prepared(config) -> Source:
   if not meta_path.is_file():
     raise DataError(f'{directory}: no meta.json; it was not written by imbal_jax.prepare '
                     '(or preparation did not finish). Run the prepare command again.')
-  meta = json.loads(meta_path.read_text())
-  images = np.load(directory / 'images.npy', mmap_mode='r')
-  labels = np.load(directory / 'labels.npy')
-  parts = np.load(directory / 'parts.npy')
-  splits = {name: Split(images, labels[parts == code], np.flatnonzero(parts == code))
-            for code, name in enumerate(('train', 'val', 'test')) if np.any(parts == code)}
-  return Source(meta['name'], tuple(meta['class_names']), splits,
-                notes=tuple(meta.get('notes', ())))
+  damaged = (f'{directory} is damaged or incomplete: {{}}. Run the prepare command again '
+             'into a new folder.')
+  try:
+    meta = json.loads(meta_path.read_text())
+    name, class_names = meta['name'], tuple(meta['class_names'])
+  except (ValueError, KeyError, TypeError) as error:
+    raise DataError(damaged.format(f'{meta_path} cannot be read ({error})')) from None
+  arrays = {}
+  for array, mmap_mode in (('images', 'r'), ('labels', None), ('parts', None)):
+    try:
+      arrays[array] = np.load(directory / f'{array}.npy', mmap_mode=mmap_mode)
+    except (OSError, ValueError) as error:
+      raise DataError(damaged.format(f'{array}.npy cannot be read ({error})')) from None
+  images, labels, parts = arrays['images'], arrays['labels'], arrays['parts']
+  if not len(images) == len(labels) == len(parts) or images.ndim != 4:
+    raise DataError(damaged.format(f'images.npy {images.shape}, labels.npy {labels.shape} and '
+                                   f'parts.npy {parts.shape} do not describe the same images'))
+  for array, values, limit in (('labels', labels, len(class_names)), ('parts', parts, 3)):
+    if len(values) and (values.min() < 0 or values.max() >= limit):
+      raise DataError(damaged.format(f'{array}.npy holds values outside 0..{limit - 1}'))
+  splits = {part: Split(images, labels[parts == code], np.flatnonzero(parts == code))
+            for code, part in enumerate(('train', 'val', 'test')) if np.any(parts == code)}
+  return Source(name, class_names, splits, notes=tuple(meta.get('notes', ())))
 
 
 def tfds_source(config) -> Source:

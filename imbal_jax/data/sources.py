@@ -13,12 +13,16 @@ then makes the three splits the training loop uses:
 3. every split must have every class in training and no split may be empty.
 
 The chosen indices (`Dataset.spec`) are written to the workdir and reused on
-resume and by stage 2, so a run always sees exactly the same images.
+resume and by stage 2, so a run always sees exactly the same images. They are
+row positions in the source's parts, so the source's fingerprint (each part's
+image count and a hash of its labels in order) is saved with them, and a source
+that no longer matches it is refused instead of silently giving other images.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Any
 
 import numpy as np
@@ -56,6 +60,26 @@ class Split:
   def image_shape(self) -> tuple[int, ...]:
     return tuple(self.images.shape[1:])
 
+  def __reduce__(self):
+    # grain's worker processes receive the training split pickled. A memory-mapped
+    # .npy (a `prepare`d cache) would pickle as a full in-memory copy, gigabytes per
+    # worker at 224 px; it travels as its path instead and is mapped again there.
+    images = self.images
+    path = getattr(images, 'filename', None)
+    if isinstance(images, np.memmap) and path and str(path).endswith('.npy'):
+      return (_split_from_npy, (str(path), images.shape, images.dtype.str, self.labels,
+                                self.index))
+    return (Split, (images, self.labels, self.index))
+
+
+def _split_from_npy(path: str, shape, dtype: str, labels, index) -> Split:
+  images = np.load(path, mmap_mode='r')
+  if images.shape != tuple(shape) or images.dtype.str != dtype:
+    raise DataError(f'{path} changed while the run was reading it: it holds {images.dtype} '
+                    f'{images.shape}, not {dtype} {tuple(shape)}. Do not rewrite a cache '
+                    'in use; rerun the `prepare` command, then start a fresh workdir.')
+  return Split(images, labels, index)
+
 
 @dataclasses.dataclass(frozen=True)
 class Source:
@@ -76,6 +100,8 @@ class Dataset:
   # split -> {'part': source part, 'rows': indices into that part}
   spec: dict[str, dict[str, Any]]
   notes: tuple[str, ...] = ()
+  # source_fingerprint(source) of the source the splits index into
+  fingerprint: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
   @property
   def num_classes(self) -> int:
@@ -143,7 +169,8 @@ def build(source: Source, spec: dict[str, dict[str, Any]]) -> Dataset:
           f'{spec[split]["part"]} part, which has {len(part)}: the data changed since the run '
           'started. Start a fresh workdir.')
     splits[split] = part.subset(rows)
-  dataset = Dataset(source.name, source.class_names, splits, spec, source.notes)
+  dataset = Dataset(source.name, source.class_names, splits, spec, source.notes,
+                    source_fingerprint(source))
   for split in SPLITS:
     if len(dataset.splits[split]) == 0:
       raise DataError(f'the {split} split of {source.name} is empty.')
@@ -152,6 +179,39 @@ def build(source: Source, spec: dict[str, dict[str, Any]]) -> Dataset:
     raise DataError(f'no training image for class(es) {missing} of {source.name}; remove the '
                     'class or add images of it.')
   return dataset
+
+
+def source_fingerprint(source: Source) -> dict[str, dict[str, Any]]:
+  """Per part of `source`: its image count and the SHA-256 of its labels, in order.
+
+  An image added, removed or reordered changes it (unless only images of one class
+  trade places within that class); an image's pixels do not.
+  """
+  return {name: {'images': len(part),
+                 'labels_sha256': hashlib.sha256(
+                     np.ascontiguousarray(part.labels, np.int64).tobytes()).hexdigest()}
+          for name, part in sorted(source.parts.items())}
+
+
+def check_fingerprint(saved: dict[str, dict[str, Any]], found: dict[str, dict[str, Any]],
+                      what: str, where: str) -> None:
+  """DataError unless the source `what` matches the fingerprint saved in `where`."""
+  for name in sorted(set(saved) | set(found)):
+    before, now = saved.get(name), found.get(name)
+    if before == now:
+      continue
+    if before is None or now is None:
+      change = (f'has a {name} part it did not have' if before is None
+                else f'no longer has its {name} part')
+    elif before['images'] != now['images']:
+      change = f"{name} part had {before['images']} images, now {now['images']}"
+    else:
+      change = f"{name} part has the same {now['images']} images but other labels or order"
+    raise DataError(
+        f'{what} changed since {where} was written: its {change}. The saved splits are '
+        'positions in that data, so they would now pick other images (test images could '
+        'land in training). Restore the data as it was, or start a fresh workdir (for '
+        'stage 2: a fresh stage 1 on this data).')
 
 
 def spec_to_json(spec) -> dict:
@@ -163,14 +223,23 @@ def spec_from_json(payload) -> dict:
           for s, v in payload.items()}
 
 
-def load(config, spec=None) -> Dataset:
-  """The data set named by `config.dataset` with its protocol applied (or `spec`, if given)."""
+def load(config, spec=None, fingerprint=None, saved_in: str = 'the saved split') -> Dataset:
+  """The data set named by `config.dataset` with its protocol applied (or `spec`, if given).
+
+  With `fingerprint` (saved with `spec`, in the file `saved_in`), a source that no
+  longer matches it is refused (check_fingerprint).
+  """
   from imbal_jax.data import readers
 
   if config.dataset not in readers.READERS:
     raise DataError(f'config.dataset={config.dataset!r} is not a known data set; choose one of '
                     f'{sorted(readers.READERS)}.')
   source = readers.READERS[config.dataset](config)
+  if fingerprint:
+    what = f'config.dataset={config.dataset!r}'
+    if config.get('data_path'):
+      what += f' at {config.data_path}'
+    check_fingerprint(fingerprint, source_fingerprint(source), what, saved_in)
   if spec is None:
     spec = make_spec(source, config.imbalance_ratio, config.seed, config.get('split_seed', 0),
                      config.get('val_fraction', 0.1), config.get('test_fraction', 0.2))
