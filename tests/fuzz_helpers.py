@@ -147,8 +147,10 @@ def check_images_read(got, good, bad, skip, message):
   """`good`: [(label, colour)] expected read; `bad`: paths that must be named or skipped."""
   if bad and not skip:
     assert message is not None, f'read despite undecodable {bad}'
-    assert message.startswith(f'{len(bad)} image(s) cannot be read'), message
-    for path in bad:
+    # Files that do not exist are refused first, before any image is decoded.
+    named = [path for path in bad if not os.path.isfile(path)] or bad
+    assert message.startswith(f'{len(named)} image(s) cannot be read'), message
+    for path in named:
       assert path in message, (path, message)
     return
   assert message is None, message

@@ -298,3 +298,31 @@ def test_tfds_array_record_source_without_tensorflow(tmp_path):
   assert read == expected
   with pytest.raises(DataError, match="tfds data set 'no_such_set' .* cannot be read"):
     readers.tfds_source(cfg(tfds_name='no_such_set', data_dir=str(tmp_path)))
+
+
+def test_missing_files_are_named_before_any_image_is_decoded(tmp_path, monkeypatch):
+  from imbal_jax.data import imagefiles
+  (tmp_path / 'img').mkdir()
+  Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / 'img' / 'a.png')
+  (tmp_path / 'img' / 'broken.png').write_bytes(b'not an image')
+  rows = ['path,label', 'img/a.png,x', 'img/gone.png,y', 'img/broken.png,x', 'img/b.png,y']
+  (tmp_path / 'list.csv').write_text('\n'.join(rows) + '\n')
+  decoded = []
+  real = imagefiles.decode_image
+  monkeypatch.setattr(imagefiles, 'decode_image', lambda path, size: decoded.append(path) or
+                      real(path, size))
+  config = cfg(data_path=str(tmp_path / 'list.csv'), image_size=4)
+  with pytest.raises(DataError, match=r'(?s)^2 image\(s\) cannot be read:\n  .*img/gone.png: cannot '
+                     r'decode image \(no such file\).\n  .*img/b.png: .*skip_corrupt=True'):
+    readers.READERS['csv'](config)
+  assert decoded == []  # refused before decoding anything
+  # With the missing files fixed, the corrupt one is named after decoding.
+  for name in ('gone', 'b'):
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / 'img' / f'{name}.png')
+  with pytest.raises(DataError, match=r'^1 image\(s\) cannot be read:\n  .*broken.png'):
+    readers.READERS['csv'](config)
+  # skip_corrupt leaves out missing and corrupt files alike, and counts them.
+  (tmp_path / 'img' / 'gone.png').unlink()
+  source = readers.READERS['csv'](cfg(data_path=str(tmp_path / 'list.csv'), image_size=4,
+                                      skip_corrupt=True))
+  assert len(source.parts['train']) == 2 and len(source.notes) == 2

@@ -47,6 +47,15 @@ def decode_image(path: pathlib.Path, image_size: int) -> np.ndarray:
     raise DataError(f'{path}: cannot decode image ({type(error).__name__}: {error}).') from None
 
 
+def _unreadable_error(failed) -> DataError:
+  """One error naming the images of `failed` [(index, message)], the first ten shown."""
+  shown = '\n  '.join(message for _, message in failed[:10])
+  more = f'\n  ... and {len(failed) - 10} more' if len(failed) > 10 else ''
+  return DataError(f'{len(failed)} image(s) cannot be read:\n  {shown}{more}\nFix or remove '
+                   'them, or set config.skip_corrupt=True to leave them out (they are then '
+                   'counted in the log and report).')
+
+
 def decode_all(paths, image_size: int, skip_corrupt: bool = False, workers: int | None = None):
   """(images [n, s, s, 3] uint8, indices of `paths` kept, notes).
 
@@ -57,6 +66,12 @@ def decode_all(paths, image_size: int, skip_corrupt: bool = False, workers: int 
     raise DataError('config.image_size must be set (e.g. 64) for data sets of image files: '
                     'every image is resized to image_size x image_size.')
   paths = [pathlib.Path(p) for p in paths]
+  # Files that are not there are reported before anything is decoded (a data set of
+  # tens of thousands of images takes minutes to decode); corrupt ones come after.
+  missing = [(i, f'{path}: cannot decode image (no such file).')
+             for i, path in enumerate(paths) if not path.is_file()]
+  if missing and not skip_corrupt:
+    raise _unreadable_error(missing)
   images = np.zeros((len(paths), image_size, image_size, 3), np.uint8)
   failed = []
   workers = workers or min(8, os.cpu_count() or 1)
@@ -74,11 +89,7 @@ def decode_all(paths, image_size: int, skip_corrupt: bool = False, workers: int 
       if result is not None:
         failed.append(result)
   if failed and not skip_corrupt:
-    shown = '\n  '.join(message for _, message in failed[:10])
-    more = f'\n  ... and {len(failed) - 10} more' if len(failed) > 10 else ''
-    raise DataError(f'{len(failed)} image(s) cannot be read:\n  {shown}{more}\nFix or remove '
-                    'them, or set config.skip_corrupt=True to leave them out (they are then '
-                    'counted in the log and report).')
+    raise _unreadable_error(failed)
   bad = {i for i, _ in failed}
   kept = np.asarray([i for i in range(len(paths)) if i not in bad], np.int64)
   notes = tuple(f'skipped corrupt image: {message}' for _, message in failed)
