@@ -38,18 +38,34 @@ def prepare(dataset: str, data_path: str, output: str, image_size: int, labels_c
   if (output / 'meta.json').exists():
     raise DataError(f'{output} already holds a prepared data set; choose another --output or '
                     'delete it.')
+  # Before decoding (minutes for a large set): the output folder must be writable.
+  try:
+    output.mkdir(parents=True, exist_ok=True)
+    probe = output / '.write_test'
+    probe.write_bytes(b'')
+    probe.unlink()
+  except OSError as error:
+    raise DataError(f'--output={output} cannot be written ({type(error).__name__}: {error}); '
+                    'choose a folder you can write to.') from None
   config = ml_collections.ConfigDict(dict(data_path=data_path, labels_csv=labels_csv,
                                           image_size=image_size, skip_corrupt=skip_corrupt))
   source = readers.READERS[dataset](config)
-  output.mkdir(parents=True, exist_ok=True)
-  images, labels, parts = [], [], []
-  for code, part in enumerate(('train', 'val', 'test')):
-    if part in source.parts:
-      split = source.parts[part]
-      images.append(split.take(np.arange(len(split))))
-      labels.append(split.labels)
-      parts.append(np.full(len(split), code, np.int8))
-  np.save(output / 'images.npy', np.concatenate(images))
+  present = [(code, source.parts[part]) for code, part in enumerate(('train', 'val', 'test'))
+             if part in source.parts]
+  total = sum(len(split) for _, split in present)
+  # Written part by part, in chunks, straight into the file: no second copy in memory.
+  images = np.lib.format.open_memmap(output / 'images.npy', mode='w+', dtype=np.uint8,
+                                     shape=(total,) + tuple(present[0][1].image_shape))
+  labels, parts, offset = [], [], 0
+  for code, split in present:
+    for start in range(0, len(split), 1024):
+      rows = np.arange(start, min(start + 1024, len(split)))
+      images[offset + start:offset + start + len(rows)] = split.take(rows)
+    offset += len(split)
+    labels.append(split.labels)
+    parts.append(np.full(len(split), code, np.int8))
+  images.flush()
+  del images
   np.save(output / 'labels.npy', np.concatenate(labels).astype(np.int32))
   np.save(output / 'parts.npy', np.concatenate(parts))
   meta = {'name': source.name, 'class_names': list(source.class_names),

@@ -326,3 +326,14 @@ def test_missing_files_are_named_before_any_image_is_decoded(tmp_path, monkeypat
   source = readers.READERS['csv'](cfg(data_path=str(tmp_path / 'list.csv'), image_size=4,
                                       skip_corrupt=True))
   assert len(source.parts['train']) == 2 and len(source.notes) == 2
+
+
+def test_prepare_refuses_an_unwritable_output_before_decoding(tmp_path, monkeypatch):
+  from imbal_jax.data import imagefiles
+  make_folder_tree(tmp_path / 'data')
+  monkeypatch.setattr(imagefiles, 'decode_image', lambda *a: pytest.fail('decoded first'))
+  (tmp_path / 'a_file').write_text('')
+  with pytest.raises(DataError, match=r'--output=.*a_file/cache cannot be written .*choose a '
+                     r'folder you can write to'):
+    prepare.prepare('folder', str(tmp_path / 'data'), str(tmp_path / 'a_file' / 'cache'),
+                    image_size=5)

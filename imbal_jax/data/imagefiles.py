@@ -93,7 +93,8 @@ def decode_all(paths, image_size: int, skip_corrupt: bool = False, workers: int 
   bad = {i for i, _ in failed}
   kept = np.asarray([i for i in range(len(paths)) if i not in bad], np.int64)
   notes = tuple(f'skipped corrupt image: {message}' for _, message in failed)
-  return images[kept], kept, notes
+  # Indexing copies: only where images were left out.
+  return (images if len(kept) == len(paths) else images[kept]), kept, notes
 
 
 def scan_class_folders(root: pathlib.Path):
