@@ -296,6 +296,11 @@ def test_tfds_array_record_source_without_tensorflow(tmp_path):
   test = source.parts['test']
   read = {test.take([i])[0].tobytes(): int(test.labels[i]) for i in range(15)}
   assert read == expected
+  # Balanced (20 per class): classes rank by index for the long-tail profile. A naturally
+  # imbalanced set ranks them by count.
+  assert readers.equal_class_counts(np.arange(30) % 3, 3)
+  assert not readers.equal_class_counts(np.array([0, 0, 1, 2]), 3)
+  assert not readers.equal_class_counts(np.array([0, 1]), 3)  # a class with none
   with pytest.raises(DataError, match="tfds data set 'no_such_set' .* cannot be read"):
     readers.tfds_source(cfg(tfds_name='no_such_set', data_dir=str(tmp_path)))
 

@@ -362,7 +362,16 @@ def tfds_source(config) -> Source:
     raise DataError(f'tfds data set {name!r} in config.data_dir={config.data_dir!r} cannot be '
                     f'read as array_record ({type(error).__name__}: {error}). Prepare it first, '
                     f'e.g. `tfds build {name} --file_format=array_record`.') from None
-  return Source(name, class_names, parts, balanced=True)
+  # CIFAR-style sets (equal class counts) rank classes by index for the long-tail
+  # profile, the CIFAR-LT convention; naturally imbalanced ones (e.g. SVHN) by count.
+  return Source(name, class_names, parts,
+                balanced=equal_class_counts(parts['train'].labels, len(class_names)))
+
+
+def equal_class_counts(labels: np.ndarray, num_classes: int) -> bool:
+  """Whether every one of `num_classes` classes has the same number of `labels`."""
+  counts = np.bincount(labels, minlength=num_classes)
+  return bool(counts.min() == counts.max())
 
 
 READERS = {
