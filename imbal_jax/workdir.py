@@ -21,7 +21,8 @@ from jax.experimental import multihost_utils
 
 from imbal_jax import atomic
 
-# Fields that change neither the data nor the training trajectory.
+# Fields that change neither the data nor the training trajectory (eval_batch_size
+# does where stage 2 caches augmented feature views: check_config).
 HARMLESS_FIELDS = {'log_every_steps', 'eval_batch_size', 'data_workers', 'checkpoint_every_epochs',
                    'eval_every_epochs'}
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what schedulers expect from a terminated job
@@ -53,7 +54,11 @@ def check_config(workdir: pathlib.Path, config: dict, force: bool,
     return
   saved = json.loads(saved_path.read_text())
   defaults = defaults or {}
-  keys = (set(saved) | set(config)) - HARMLESS_FIELDS
+  harmless = set(HARMLESS_FIELDS)
+  if config.get('cache_features') and (config.get('feature_views') or 1) > 1:
+    # The augmented views of the feature cache are drawn batch by batch of eval_batch_size.
+    harmless.discard('eval_batch_size')
+  keys = (set(saved) | set(config)) - harmless
   differing = {k: (saved.get(k), config.get(k)) for k in sorted(keys)
                if saved.get(k) != config.get(k)
                and not (k not in saved and k in defaults and config.get(k) == defaults[k])}

@@ -126,3 +126,15 @@ def test_a_run_written_before_a_field_existed_resumes_with_its_default(tmp_path)
   run = saved_run(tmp_path, {**config, 'batch_pairs': True})
   with pytest.raises(workdir.WorkdirError, match=r'batch_pairs: True in the workdir, False now'):
     workdir.check_config(run, config, force=False, defaults=defaults)
+
+
+def test_eval_batch_size_matters_only_where_it_draws_cached_feature_views(tmp_path):
+  from imbal_jax import workdir
+  config = load_config('stage2').to_dict()
+  run = saved_run(tmp_path, config)
+  workdir.check_config(run, {**config, 'eval_batch_size': 8}, force=False)  # no error
+  views = {**config, 'cache_features': True, 'feature_views': 2}
+  run = saved_run(tmp_path, views)
+  with pytest.raises(workdir.WorkdirError, match=r'eval_batch_size: \d+ in the workdir, 8 now'):
+    workdir.check_config(run, {**views, 'eval_batch_size': 8}, force=False)
+  workdir.check_config(run, {**views, 'log_every_steps': 3}, force=False)  # still harmless
