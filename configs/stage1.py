@@ -12,7 +12,8 @@ Presets (`configs/stage1.py:PRESET`):
   dermamnist        a MedMNIST .npz, e.g. --config.data_path=dermamnist_64.npz
   fashion_mnist_lt  Debian's dataset-fashion-mnist IDX files, imbalance ratio 100
   cifar10_lt, cifar100_lt   tensorflow-datasets array_record data, ratio 100
-  isic2019          ISIC 2019 images + ground-truth CSV (--config.data_path, --config.labels_csv)
+  isic2019          ISIC 2019 images + ground-truth CSV (--config.data_path, --config.labels_csv;
+                    --config.groups_csv=the metadata CSV keeps lesions within one split)
   hyper_kvasir      Hyper-Kvasir labelled images (class folders; --config.data_path)
 Override any field on the command line, e.g. `--config.contrastive_weight=0`
 for the plain CE baseline.
@@ -42,6 +43,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.data_dir = ''  # tensorflow-datasets data_dir
   config.tfds_name = ''
   config.labels_csv = ''  # ISIC ground truth
+  # ISIC metadata CSV (image, lesion_id): carved val/test splits keep each lesion's
+  # images together, so no lesion is in both training and test.
+  config.groups_csv = ''
   config.image_size = 0  # 0: as stored; image-file data sets need a size
   config.skip_corrupt = False
   # None keeps the data's own class distribution; >= 1 subsamples training to that ratio.

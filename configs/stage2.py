@@ -64,7 +64,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.stage = 'stage2'
   # Inherited from the stage-1 run unless set (then they must agree): the data,
   # its split and the encoder must be exactly those of stage 1.
-  for field in ('dataset', 'data_dir', 'data_path', 'labels_csv', 'tfds_name', 'model'):
+  for field in ('dataset', 'data_dir', 'data_path', 'labels_csv', 'groups_csv', 'tfds_name',
+                'model'):
     config[field] = config_dict.placeholder(str)
   for field in ('image_size', 'split_seed', 'width', 'projection_dim'):
     config[field] = config_dict.placeholder(int)

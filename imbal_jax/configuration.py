@@ -18,8 +18,8 @@ from imbal_jax.models import resnet
 
 STAGES = ('stage1', 'stage2')
 # Fields a stage-2 run takes from its stage-1 run ('' / 0 means "inherit").
-INHERITED_FIELDS = ('dataset', 'data_dir', 'data_path', 'labels_csv', 'tfds_name',
-                    'image_size', 'imbalance_ratio', 'split_seed', 'val_fraction',
+INHERITED_FIELDS = ('dataset', 'data_dir', 'data_path', 'labels_csv', 'groups_csv',
+                    'tfds_name', 'image_size', 'imbalance_ratio', 'split_seed', 'val_fraction',
                     'test_fraction', 'model', 'width', 'projection_dim')
 
 
@@ -108,6 +108,9 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             f'({inherited!r}, in {config.init_from}/config.json); stage 2 must use the same '
             f'data and encoder: drop the override.')
   _check_choice(config, 'dataset', readers.READERS)
+  if config.get('groups_csv') and config.dataset != 'isic':
+    raise ConfigError(f'config.groups_csv applies to dataset=isic (a prepared ISIC cache keeps '
+                      f'the groups it was prepared with), not {config.dataset!r}: leave it empty.')
   _check_choice(config, 'model', resnet.ARCHITECTURES)
   _check_choice(config, 'sampler', samplers.SAMPLERS)
   _check_choice(config, 'loss', objectives.CLASSIFICATION_LOSSES)

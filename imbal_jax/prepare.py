@@ -28,11 +28,13 @@ flags.DEFINE_string('labels_csv', '', 'ISIC ground-truth CSV (dataset=isic).')
 flags.DEFINE_integer('image_size', 64, 'Images are resized (shorter side) and centre-cropped.')
 flags.DEFINE_string('output', None, 'Directory for the cache (must not hold one already).')
 flags.DEFINE_bool('skip_corrupt', False, 'Leave out unreadable images (listed in meta.json).')
+flags.DEFINE_string('groups_csv', '', 'ISIC metadata CSV (image, lesion_id; dataset=isic): '
+                    'kept in the cache, so that carved splits keep a lesion together.')
 flags.mark_flags_as_required(['dataset', 'data_path', 'output'])
 
 
 def prepare(dataset: str, data_path: str, output: str, image_size: int, labels_csv: str = '',
-            skip_corrupt: bool = False) -> dict:
+            skip_corrupt: bool = False, groups_csv: str = '') -> dict:
   """Writes the cache; returns its metadata."""
   output = pathlib.Path(output)
   if (output / 'meta.json').exists():
@@ -47,8 +49,11 @@ def prepare(dataset: str, data_path: str, output: str, image_size: int, labels_c
   except OSError as error:
     raise DataError(f'--output={output} cannot be written ({type(error).__name__}: {error}); '
                     'choose a folder you can write to.') from None
+  if groups_csv and dataset != 'isic':
+    raise DataError(f'--groups_csv applies to --dataset=isic, not {dataset!r}.')
   config = ml_collections.ConfigDict(dict(data_path=data_path, labels_csv=labels_csv,
-                                          image_size=image_size, skip_corrupt=skip_corrupt))
+                                          image_size=image_size, skip_corrupt=skip_corrupt,
+                                          groups_csv=groups_csv))
   source = readers.READERS[dataset](config)
   present = [(code, source.parts[part]) for code, part in enumerate(('train', 'val', 'test'))
              if part in source.parts]
@@ -68,11 +73,14 @@ def prepare(dataset: str, data_path: str, output: str, image_size: int, labels_c
   del images
   np.save(output / 'labels.npy', np.concatenate(labels).astype(np.int32))
   np.save(output / 'parts.npy', np.concatenate(parts))
+  if source.groups is not None:  # the train part's groups (ISIC has no other part)
+    np.save(output / 'groups.npy', np.asarray(source.groups, dtype=str))
   meta = {'name': source.name, 'class_names': list(source.class_names),
           'image_size': image_size, 'count': int(sum(len(l) for l in labels)),
           'class_counts': np.bincount(np.concatenate(labels),
                                       minlength=len(source.class_names)).tolist(),
-          'source': {'dataset': dataset, 'data_path': str(data_path), 'labels_csv': labels_csv},
+          'source': {'dataset': dataset, 'data_path': str(data_path), 'labels_csv': labels_csv,
+                     'groups_csv': groups_csv},
           'notes': list(source.notes)}
   reporting.write_json(output / 'meta.json', meta)
   return meta
@@ -82,7 +90,7 @@ def main(argv):
   del argv
   try:
     meta = prepare(FLAGS.dataset, FLAGS.data_path, FLAGS.output, FLAGS.image_size,
-                   FLAGS.labels_csv, FLAGS.skip_corrupt)
+                   FLAGS.labels_csv, FLAGS.skip_corrupt, FLAGS.groups_csv)
   except DataError as error:
     print(f'imbal_jax: data error: {error}', file=sys.stderr)
     sys.exit(2)

@@ -372,3 +372,42 @@ def test_a_memory_mapped_split_pickles_as_its_path(tmp_path):
   np.save(tmp_path / 'images.npy', images[:5])
   with pytest.raises(sources.DataError, match='images.npy changed while the run'):
     pickle.loads(payload)
+
+
+def test_grouped_split_keeps_each_group_on_one_side():
+  rng = np.random.default_rng(0)
+  # 3 classes; lesions of 1 to 4 images each, one diagnosis per lesion.
+  sizes = rng.integers(1, 5, 120)
+  group_labels = np.repeat(np.arange(3), [60, 40, 20])
+  groups = np.repeat(np.arange(120), sizes)
+  labels = np.repeat(group_labels, sizes)
+  held, rest = sources.stratified_split(labels, 3, 0.2, seed=5, what='test', groups=groups)
+  assert not set(groups[held]) & set(groups[rest])  # no group on both sides
+  assert sorted(np.concatenate([held, rest]).tolist()) == list(range(len(labels)))
+  for c in range(3):  # each class's share: the fewest groups reaching 20 % of its images
+    n = np.sum(labels == c)
+    got = np.sum(labels[held] == c)
+    assert round(0.2 * n) <= got < round(0.2 * n) + 4, (c, got, n)
+  again, _ = sources.stratified_split(labels, 3, 0.2, seed=5, what='test', groups=groups)
+  np.testing.assert_array_equal(held, again)  # seeded
+
+
+def test_grouped_split_refuses_mixed_groups_and_too_few_groups():
+  labels = np.array([0, 0, 1, 1, 1, 0])
+  with pytest.raises(sources.DataError, match=r"group 'L2' holds images of different classes"):
+    sources.stratified_split(labels, 2, 0.2, 0, 'test',
+                             np.array(['L1', 'L1', 'L2', 'L3', 'L3', 'L2']))
+  with pytest.raises(sources.DataError, match=r'class 1 has only 1 group\(s\) \(3 images\)'):
+    sources.stratified_split(labels, 2, 0.2, 0, 'test',
+                             np.array(['a', 'b', 'c', 'c', 'c', 'd']))
+
+
+def test_make_spec_splits_by_group_where_the_source_has_groups():
+  source = make_source([60, 42, 21])
+  groups = np.arange(123) // 3  # lesions of 3 images, within one class
+  grouped = sources.Source(source.name, source.class_names, source.parts, groups=groups)
+  data = sources.build(grouped, sources.make_spec(grouped, None, 0, 0, 0.1, 0.2))
+  seen = {split: set(groups[data.splits[split].index].tolist()) for split in sources.SPLITS}
+  assert not seen['train'] & seen['test'] and not seen['train'] & seen['val']
+  assert not seen['val'] & seen['test']
+  assert data.class_counts('test').tolist() == [12, 9, 6]  # whole lesions: 4, 3, 2 of them

@@ -140,3 +140,61 @@ def test_stage2_normalises_with_the_stage1_statistics(tmp_path):
   dataset = train.sources.load(load_config('stage1'))  # digits
   info = train.describe_data(dataset, 0, train.stage1_pixel_stats(config))
   assert (info['pixel_mean'], info['pixel_std']) == ([0.1, 0.2, 0.3], [0.4, 0.5, 0.6])
+
+
+def write_lesions(root, images_per_lesion=3):
+  """ISIC's metadata CSV for write_isic's 48 images: lesions of 3 consecutive images (one
+  class each), the last image of each class without a lesion_id."""
+  rows, lesion = ['image,age_approx,lesion_id'], 0
+  for i, count in enumerate((30, 12, 6)):
+    first = sum((30, 12, 6)[:i])
+    for j in range(count - 1):
+      rows.append(f'ISIC_{first + j:07d},45,L{i}_{j // images_per_lesion}')
+    rows.append(f'ISIC_{first + count - 1:07d},50,')
+  (root / 'meta.csv').write_text('\n'.join(rows) + '\n')
+  return root / 'meta.csv'
+
+
+def lesion_sets(dataset, groups_of):
+  return {split: {groups_of[i] for i in dataset.splits[split].index.tolist()}
+          for split in train.sources.SPLITS}
+
+
+def test_isic_lesions_stay_in_one_split_directly_and_through_a_prepared_cache(tmp_path):
+  images, labels = write_isic(tmp_path)
+  groups_csv = write_lesions(tmp_path)
+  config = load_config('stage1')
+  config.update(dataset='isic', data_path=str(images), labels_csv=str(labels),
+                groups_csv=str(groups_csv), image_size=8, imbalance_ratio=None,
+                val_fraction=0.2, test_fraction=0.3)
+  config = train.configuration.resolve(config)
+  source = train.sources.load(config)
+  assert any('3 image(s) without a lesion_id, each its own group' in n for n in source.notes)
+  metadata = [line.split(',') for line in groups_csv.read_text().splitlines()[1:]]
+  groups_of = [lesion or f'alone:{image}' for image, _, lesion in metadata]  # row order = ids
+  seen = lesion_sets(source, groups_of)
+  assert not seen['train'] & seen['test'] and not seen['train'] & seen['val']
+  assert not seen['val'] & seen['test']
+  # The same through prepare: the cache keeps the groups.
+  prepare.prepare('isic', str(images), str(tmp_path / 'cache'), image_size=8,
+                  labels_csv=str(labels), groups_csv=str(groups_csv))
+  config.update(dataset='prepared', data_path=str(tmp_path / 'cache'), labels_csv='',
+                groups_csv='')
+  cached = train.sources.load(config)
+  for split in train.sources.SPLITS:
+    np.testing.assert_array_equal(cached.splits[split].index, source.splits[split].index)
+  # Without the groups the split is by image: here it separates some lesion's images.
+  config.update(dataset='isic', data_path=str(images), labels_csv=str(labels), groups_csv='')
+  by_image = lesion_sets(train.sources.load(config), groups_of)
+  assert by_image['train'] & (by_image['test'] | by_image['val'])
+
+
+def test_groups_csv_is_refused_where_it_does_not_apply(tmp_path):
+  config = load_config('stage1')
+  config.update(groups_csv=str(tmp_path / 'meta.csv'))  # the default data set, digits
+  with pytest.raises(train.configuration.ConfigError, match='groups_csv applies to '
+                     "dataset=isic .* not 'digits'"):
+    train.configuration.resolve(config)
+  with pytest.raises(train.sources.DataError, match="--groups_csv applies to --dataset=isic"):
+    prepare.prepare('folder', str(tmp_path), str(tmp_path / 'cache'), image_size=8,
+                    groups_csv=str(tmp_path / 'meta.csv'))

@@ -219,3 +219,17 @@ def read_isic_csv(csv_path: pathlib.Path, image_dir: pathlib.Path):
     found = next((p for p in matches if p.is_file()), None)
     paths.append(found or matches[0])
   return paths, onehot.argmax(axis=1).tolist(), columns, tuple(notes)
+
+
+def read_groups_csv(csv_path: pathlib.Path, image_ids) -> tuple[np.ndarray, tuple[str, ...]]:
+  """(group of each of `image_ids`, notes) from a CSV with columns image,lesion_id (ISIC's
+  metadata file as published). An image the file does not list, or lists with an
+  empty lesion_id, is a group of its own."""
+  rows, _ = _read_csv_rows(csv_path, ['image', 'lesion_id'])
+  _check_unique([row['image'] for row in rows], csv_path, 'image id(s)')
+  lesion = {row['image']: (row['lesion_id'] or '').strip() for row in rows}
+  groups = [lesion.get(image) or f'image:{image}' for image in image_ids]
+  alone = sum(not lesion.get(image) for image in image_ids)
+  notes = (f'{csv_path.name}: {alone} image(s) without a lesion_id, each its own group.',) \
+      if alone else ()
+  return np.asarray(groups), notes

@@ -268,11 +268,12 @@ def idx(config) -> Source:
   return Source(directory.name, class_names, parts, balanced=True)
 
 
-def _image_source(config, name: str, paths, labels, class_names) -> Source:
+def _image_source(config, name: str, paths, labels, class_names, groups=None) -> Source:
   images, kept, notes = imagefiles.decode_all(paths, config.image_size,
                                               skip_corrupt=config.skip_corrupt)
   labels = np.asarray(labels, np.int32)[kept]
-  return Source(name, tuple(class_names), {'train': Split(images, labels)}, notes=notes)
+  return Source(name, tuple(class_names), {'train': Split(images, labels)}, notes=notes,
+                groups=None if groups is None else np.asarray(groups)[kept])
 
 
 def folder(config) -> Source:
@@ -294,8 +295,15 @@ def isic(config) -> Source:
   image_dir = _require(config.data_path, 'data_path', 'the ISIC training-image folder')
   csv_path = _require(config.labels_csv, 'labels_csv', 'the ISIC ground-truth CSV')
   paths, labels, class_names, notes = imagefiles.read_isic_csv(csv_path, image_dir)
-  source = _image_source(config, csv_path.stem, paths, labels, class_names)
-  return Source(source.name, source.class_names, source.parts, notes=notes + source.notes)
+  groups = None
+  if config.get('groups_csv'):
+    groups_path = _require(config.groups_csv, 'groups_csv',
+                           'the ISIC metadata CSV (columns image, lesion_id)')
+    groups, group_notes = imagefiles.read_groups_csv(groups_path, [p.stem for p in paths])
+    notes += group_notes
+  source = _image_source(config, csv_path.stem, paths, labels, class_names, groups)
+  return Source(source.name, source.class_names, source.parts, notes=notes + source.notes,
+                groups=source.groups)
 
 
 def prepared(config) -> Source:
@@ -327,7 +335,13 @@ def prepared(config) -> Source:
       raise DataError(damaged.format(f'{array}.npy holds values outside 0..{limit - 1}'))
   splits = {part: Split(images, labels[parts == code], np.flatnonzero(parts == code))
             for code, part in enumerate(('train', 'val', 'test')) if np.any(parts == code)}
-  return Source(name, class_names, splits, notes=tuple(meta.get('notes', ())))
+  groups = None
+  if (directory / 'groups.npy').is_file():  # written where prepare had --groups_csv
+    groups = np.load(directory / 'groups.npy')
+    if 'train' not in splits or len(groups) != len(splits['train']):
+      raise DataError(damaged.format(f'groups.npy holds {len(groups)} groups for the '
+                                     f'{len(splits.get("train", ()))} training images'))
+  return Source(name, class_names, splits, notes=tuple(meta.get('notes', ())), groups=groups)
 
 
 def tfds_source(config) -> Source:

@@ -90,6 +90,9 @@ class Source:
   # convention); naturally imbalanced ones by their count.
   balanced: bool = False
   notes: tuple[str, ...] = ()
+  # Optional group of each image of the 'train' part (e.g. ISIC's lesion_id): carved
+  # splits keep a group's images together, so no lesion is in both train and test.
+  groups: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,9 +119,16 @@ class Dataset:
 
 
 def stratified_split(labels: np.ndarray, num_classes: int, fraction: float, seed: int,
-                     what: str) -> tuple[np.ndarray, np.ndarray]:
-  """(held_out, rest): `fraction` of each class (at least one image), seeded."""
+                     what: str, groups: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+  """(held_out, rest): `fraction` of each class (at least one image), seeded.
+
+  With `groups` (one id per image), whole groups are held out, class by class, until
+  the class's share is reached: a group's images never straddle the two.
+  """
   rng = np.random.default_rng(seed)
+  if groups is not None:
+    return _grouped_split(labels, num_classes, fraction, rng, what, np.asarray(groups))
   held = []
   for c in range(num_classes):
     members = np.flatnonzero(labels == c)
@@ -134,6 +144,35 @@ def stratified_split(labels: np.ndarray, num_classes: int, fraction: float, seed
   return held, np.setdiff1d(np.arange(len(labels)), held)
 
 
+def _grouped_split(labels, num_classes, fraction, rng, what, groups):
+  ids, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
+  group_labels = np.asarray(labels)[first]
+  mixed = np.unique(inverse[labels != group_labels[inverse]])
+  if len(mixed):
+    raise DataError(f'group {str(ids[mixed[0]])!r} holds images of different classes ({len(mixed)} '
+                    'such group(s)); a group (lesion) must have one diagnosis. Fix the groups '
+                    'file or the labels.')
+  sizes = np.bincount(inverse, minlength=len(ids))
+  held_groups = []
+  for c in range(num_classes):
+    members = np.flatnonzero(group_labels == c)
+    if len(members) == 0:
+      continue
+    target = max(1, int(round(fraction * sizes[members].sum())))
+    order = rng.permutation(members)
+    # The fewest groups, in a seeded order, whose images reach the target.
+    count = int(np.searchsorted(np.cumsum(sizes[order]), target)) + 1
+    if count >= len(members):
+      raise DataError(
+          f'class {c} has only {len(members)} group(s) ({sizes[members].sum()} images): too '
+          f'few to split off a {what} split by group and keep some for training. Add images '
+          'of that class or remove it.')
+    held_groups.append(order[:count])
+  held_groups = np.concatenate(held_groups) if held_groups else np.zeros(0, np.int64)
+  held = np.flatnonzero(np.isin(inverse, held_groups))
+  return held, np.setdiff1d(np.arange(len(labels)), held)
+
+
 def make_spec(source: Source, imbalance_ratio: float | None, seed: int, split_seed: int,
               val_fraction: float, test_fraction: float) -> dict[str, dict[str, Any]]:
   """Which rows of which source part make each split."""
@@ -145,8 +184,9 @@ def make_spec(source: Source, imbalance_ratio: float | None, seed: int, split_se
     if split in source.parts:
       spec[split] = {'part': split, 'rows': np.arange(len(source.parts[split]))}
     else:
-      held, rest = stratified_split(train_labels[pool], num_classes, fraction,
-                                    split_seed * 1000 + salt, split)
+      held, rest = stratified_split(
+          train_labels[pool], num_classes, fraction, split_seed * 1000 + salt, split,
+          None if source.groups is None else source.groups[pool])
       spec[split] = {'part': 'train', 'rows': pool[held]}
       pool = pool[rest]
   if imbalance_ratio is not None:
