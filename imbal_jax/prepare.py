@@ -40,6 +40,8 @@ def prepare(dataset: str, data_path: str, output: str, image_size: int, labels_c
   if (output / 'meta.json').exists():
     raise DataError(f'{output} already holds a prepared data set; choose another --output or '
                     'delete it.')
+  if groups_csv and dataset != 'isic':
+    raise DataError(f'--groups_csv applies to --dataset=isic, not {dataset!r}.')
   # Before decoding (minutes for a large set): the output folder must be writable.
   try:
     output.mkdir(parents=True, exist_ok=True)
@@ -49,8 +51,6 @@ def prepare(dataset: str, data_path: str, output: str, image_size: int, labels_c
   except OSError as error:
     raise DataError(f'--output={output} cannot be written ({type(error).__name__}: {error}); '
                     'choose a folder you can write to.') from None
-  if groups_csv and dataset != 'isic':
-    raise DataError(f'--groups_csv applies to --dataset=isic, not {dataset!r}.')
   config = ml_collections.ConfigDict(dict(data_path=data_path, labels_csv=labels_csv,
                                           image_size=image_size, skip_corrupt=skip_corrupt,
                                           groups_csv=groups_csv))

@@ -198,3 +198,4 @@ def test_groups_csv_is_refused_where_it_does_not_apply(tmp_path):
   with pytest.raises(train.sources.DataError, match="--groups_csv applies to --dataset=isic"):
     prepare.prepare('folder', str(tmp_path), str(tmp_path / 'cache'), image_size=8,
                     groups_csv=str(tmp_path / 'meta.csv'))
+  assert not (tmp_path / 'cache').exists()  # refused before creating anything
