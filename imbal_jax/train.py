@@ -51,19 +51,23 @@ PIXEL_SAMPLE, PIXEL_CHUNK = 10_000, 64
 
 def pixel_statistics(split: sources.Split, seed: int) -> tuple[list[float], list[float]]:
   """Per-channel mean and standard deviation of pixels / 255 over a seeded sample of
-  `split` (two passes over chunks, in float64; the std floored at 1e-3 so that a
-  constant channel, e.g. a blank border, does not divide by zero)."""
+  `split`, read once, chunk by chunk, in float64. The sums are taken about the first
+  chunk's mean, so the variance does not cancel away; the std is floored at 1e-3 so
+  that a constant channel (e.g. a blank border) does not divide by zero."""
   sample = np.sort(np.random.default_rng(seed).permutation(len(split))[:PIXEL_SAMPLE])
-  chunks = [sample[start:start + PIXEL_CHUNK] for start in range(0, len(sample), PIXEL_CHUNK)]
   channels = split.image_shape[-1]
-  per_channel = len(sample) * int(np.prod(split.image_shape[:-1]))
-
-  def pixels(rows):
-    return split.take(rows).astype(np.float64).reshape(-1, channels) / 255.0
-
-  mean = sum(pixels(rows).sum(axis=0) for rows in chunks) / per_channel
-  variance = sum(np.square(pixels(rows) - mean).sum(axis=0) for rows in chunks) / per_channel
-  return mean.tolist(), np.maximum(np.sqrt(variance), 1e-3).tolist()
+  shift = total = squares = None
+  for start in range(0, len(sample), PIXEL_CHUNK):
+    pixels = split.take(sample[start:start + PIXEL_CHUNK]).astype(np.float64)
+    pixels = pixels.reshape(-1, channels) / 255.0
+    if shift is None:
+      shift, total, squares = pixels.mean(axis=0), 0.0, 0.0
+    total = total + (pixels - shift).sum(axis=0)
+    squares = squares + np.square(pixels - shift).sum(axis=0)
+  count = len(sample) * int(np.prod(split.image_shape[:-1]))
+  offset = total / count
+  variance = np.maximum(squares / count - np.square(offset), 0.0)
+  return (shift + offset).tolist(), np.maximum(np.sqrt(variance), 1e-3).tolist()
 
 
 def describe_data(dataset: sources.Dataset, seed: int,
@@ -289,7 +293,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       state, measurements = stage.train_step(state, batch, rng)
       done = step + 1
       progress.update(1)
-      if _is_log_step(done, config, total_steps):
+      logged = _is_log_step(done, config, total_steps)
+      if logged:
         measurements = {k: float(v) for k, v in jax.device_get(measurements).items()}
         skipped = _check_finite(state, measurements, config, ckpt, workdir, done,
                                 nonfinite_at_start)
@@ -306,7 +311,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         progress.set_postfix(loss=f"{measurements['loss']:.3f}", img_s=f'{images_per_sec:.0f}')
       epoch_done = done % batches.steps_per_epoch == 0
       epoch = done // batches.steps_per_epoch
-      if epoch_done and not config.skip_nonfinite:  # before evaluating and saving
+      # Before evaluating and saving (a log step has just checked).
+      if epoch_done and not logged and not config.skip_nonfinite:
         _check_finite(state, measurements, config, ckpt, workdir, done, nonfinite_at_start)
       if epoch_done and (epoch % config.eval_every_epochs == 0 or done == total_steps):
         probabilities = evaluate(eval_fn, stage.eval_variables(state), dataset.splits['val'],
@@ -327,7 +333,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if epoch_done and (epoch % config.checkpoint_every_epochs == 0 or done == total_steps):
         ckpt.save_state(done, state, bookkeeping)
       elif stopping:
-        if not config.skip_nonfinite:
+        if not logged and not config.skip_nonfinite:
           _check_finite(state, measurements, config, ckpt, workdir, done, nonfinite_at_start)
         ckpt.save_state(done, state, bookkeeping)
       if stopping and done < total_steps:

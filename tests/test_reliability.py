@@ -95,15 +95,21 @@ def test_sigterm_checkpoints_at_next_step_and_rerun_continues(uninterrupted, tmp
   assert_trees_bitwise_equal(final_state(run_dir), final_state(uninterrupted))
 
 
-def test_corrupt_checkpoint_gives_a_clear_error(uninterrupted, tmp_path):
-  run_dir = tmp_path / 'corrupt'
+def rerun_with_truncated_arrays(uninterrupted, run_dir, manager, item):
+  """Copies the finished run to `run_dir`, truncates the array files of `item` in the last
+  step of `manager` ('checkpoints' or 'best') and reruns it: (that step, the result)."""
   shutil.copytree(uninterrupted, run_dir)
-  last = max(int(p.name) for p in (run_dir / 'checkpoints').iterdir() if p.name.isdigit())
-  for path in (run_dir / 'checkpoints' / str(last) / 'state').rglob('*'):
+  step = max(int(p.name) for p in (run_dir / manager).iterdir() if p.name.isdigit())
+  for path in (run_dir / manager / str(step) / item).rglob('*'):
     if path.is_file() and path.parent.name == 'd':
       path.write_bytes(path.read_bytes()[:10])
-  result = subprocess.run(command(run_dir), cwd=ROOT, env=environment(), capture_output=True,
-                          text=True, timeout=300)
+  return step, subprocess.run(command(run_dir), cwd=ROOT, env=environment(),
+                              capture_output=True, text=True, timeout=300)
+
+
+def test_corrupt_checkpoint_gives_a_clear_error(uninterrupted, tmp_path):
+  run_dir = tmp_path / 'corrupt'
+  last, result = rerun_with_truncated_arrays(uninterrupted, run_dir, 'checkpoints', 'state')
   assert result.returncode == 2
   assert f'checkpoint error: the checkpoint {run_dir.absolute()}/checkpoints/{last} cannot be read' \
       in result.stderr
@@ -113,13 +119,7 @@ def test_corrupt_checkpoint_gives_a_clear_error(uninterrupted, tmp_path):
 def test_unreadable_selected_model_says_to_train_the_stage_again(uninterrupted, tmp_path):
   # Rerunning the finished run trains nothing and then reads the selected model.
   run_dir = tmp_path / 'corrupt_best'
-  shutil.copytree(uninterrupted, run_dir)
-  step = max(int(p.name) for p in (run_dir / 'best').iterdir() if p.name.isdigit())
-  for path in (run_dir / 'best' / str(step) / 'variables').rglob('*'):
-    if path.is_file() and path.parent.name == 'd':
-      path.write_bytes(path.read_bytes()[:10])
-  result = subprocess.run(command(run_dir), cwd=ROOT, env=environment(), capture_output=True,
-                          text=True, timeout=300)
+  step, result = rerun_with_truncated_arrays(uninterrupted, run_dir, 'best', 'variables')
   assert result.returncode == 2, result.stderr[-3000:]
   run = run_dir.absolute()
   assert f'checkpoint error: the checkpoint {run}/best/{step} cannot be read' in result.stderr

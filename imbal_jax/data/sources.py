@@ -149,9 +149,9 @@ def _grouped_split(labels, num_classes, fraction, rng, what, groups):
   group_labels = np.asarray(labels)[first]
   mixed = np.unique(inverse[labels != group_labels[inverse]])
   if len(mixed):
-    raise DataError(f'group {str(ids[mixed[0]])!r} holds images of different classes ({len(mixed)} '
-                    'such group(s)); a group (lesion) must have one diagnosis. Fix the groups '
-                    'file or the labels.')
+    raise DataError(f'group {str(ids[mixed[0]])!r} holds images of different classes '
+                    f'({len(mixed)} such group(s)); a group (lesion) must have one diagnosis. '
+                    'Fix the groups file or the labels.')
   sizes = np.bincount(inverse, minlength=len(ids))
   held_groups = []
   for c in range(num_classes):
