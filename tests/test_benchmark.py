@@ -294,3 +294,67 @@ def test_versus_pytorch_alternates_and_summarises(tmp_path, capsys, monkeypatch)
   assert [line['ratio'] for line in lines[:3]] == [0.9, 1.1, 1.0]
   assert lines[3]['summary'] is True and lines[3]['median_ratio'] == 1.0
   assert lines[3]['rounds_imbal_jax_not_slower'] == 2
+
+
+def load_convolutions():
+  spec = importlib.util.spec_from_file_location('convolutions',
+                                                ROOT / 'benchmarks' / 'convolutions.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def convolution_rows(framework, times):
+  """Records as the script prints them: (forward, input, filter) ms for each shape."""
+  return [{'framework': framework, 'size': size, 'channels': channels, 'count': count,
+           'forward_ms': f, 'input_gradient_ms': i, 'filter_gradient_ms': w}
+          for (size, channels, count), (f, i, w) in zip(load_convolutions().SHAPES, times)]
+
+
+def test_convolutions_summary_against_plain_arithmetic():
+  convolutions = load_convolutions()
+  assert [count for _, _, count in convolutions.SHAPES] == [10, 9, 9]
+  ours = convolution_rows('jax', [(6.0, 4.0, 12.0), (3.0, 3.0, 6.0), (2.0, 2.0, 3.0)])
+  theirs = convolution_rows('pytorch', [(3.0, 4.0, 3.0), (3.0, 2.0, 3.0), (2.0, 1.0, 3.0)])
+  summary = convolutions.summarise(ours, theirs)
+  assert summary['ratio_jax_over_pytorch']['32x32x16'] == {
+      'forward': 2.0, 'input_gradient': 1.0, 'filter_gradient': 4.0}
+  assert summary['ratio_jax_over_pytorch']['8x8x64']['input_gradient'] == 2.0
+  jax_total = 10 * (6 + 4 + 12) + 9 * (3 + 3 + 6) + 9 * (2 + 2 + 3)
+  torch_total = 10 * (3 + 4 + 3) + 9 * (3 + 2 + 3) + 9 * (2 + 1 + 3)
+  assert summary['per_step_ms']['jax']['filter_gradient_ms'] == 10 * 12 + 9 * 6 + 9 * 3
+  assert summary['per_step_ms']['jax']['all_ms'] == jax_total
+  assert summary['per_step_ms']['pytorch']['all_ms'] == torch_total
+  assert summary['ratio_per_step'] == round(jax_total / torch_total, 3)
+
+
+def test_convolutions_times_jax_and_says_when_torch_is_absent(tmp_path, capsys, devices):
+  convolutions = load_convolutions()
+  # Tiny batch, one timed call: the records' form, not their speed.
+  assert convolutions.main(['--batch=2', '--repeats=1',
+                            '--torch_python', fake_python(tmp_path, 'exit 1')]) == 0
+  lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert [(r['size'], r['channels']) for r in lines[:3]] == [(32, 16), (16, 32), (8, 64)]
+  for record in lines[:3]:
+    assert record['framework'] == 'jax' and record['batch'] == 2
+    assert all(record[f'{op}_ms'] > 0 for op in convolutions.OPERATIONS)
+  assert lines[3]['skipped'] is True and '--torch_python' in lines[3]['note']
+  assert len(lines) == 4
+
+
+def test_convolutions_runs_torch_half_in_the_given_interpreter(tmp_path, capsys, monkeypatch):
+  convolutions = load_convolutions()
+  ours = convolution_rows('jax', [(2.0, 2.0, 8.0)] * 3)
+  theirs = convolution_rows('pytorch', [(1.0, 1.0, 2.0)] * 3)
+  # A stand-in for an interpreter with PyTorch: imports succeed, the half prints its records.
+  lines = '\n'.join(f"echo '{json.dumps(row)}'" for row in theirs)
+  torch = fake_python(tmp_path, f'echo "$@" > {tmp_path / "args"}\n{lines}')
+  monkeypatch.setattr(convolutions, 'jax_records', lambda batch, repeats: ours)
+  assert convolutions.main(['--batch=4', '--repeats=3', '--torch_python', torch]) == 0
+  printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert printed[:6] == ours + theirs
+  assert printed[6]['ratio_jax_over_pytorch']['16x16x32'] == {
+      'forward': 2.0, 'input_gradient': 2.0, 'filter_gradient': 4.0}
+  assert printed[6]['ratio_per_step'] == 3.0
+  assert (tmp_path / 'args').read_text().split()[1:] == ['--framework=pytorch', '--batch=4',
+                                                         '--repeats=3']
