@@ -142,6 +142,34 @@ def test_stage2_normalises_with_the_stage1_statistics(tmp_path):
   assert (info['pixel_mean'], info['pixel_std']) == ([0.1, 0.2, 0.3], [0.4, 0.5, 0.6])
 
 
+def test_stage2_run_hands_the_stage1_statistics_to_its_data(tmp_path, monkeypatch):
+  # train_and_evaluate itself passes them on: stopped where the data is described,
+  # before anything is compiled or trained.
+  stage1 = tmp_path / 'stage1'
+  (stage1 / 'best' / '1').mkdir(parents=True)  # as a finished stage-1 run has
+  (stage1 / 'config.json').write_text(json.dumps(load_config('stage1').to_dict()))
+  described = train.describe_data(train.sources.load(load_config('stage1')), 0)  # digits
+  described.update(pixel_mean=[0.1, 0.2, 0.3], pixel_std=[0.4, 0.5, 0.6])
+  (stage1 / 'data.json').write_text(json.dumps(described))
+  seen = []
+
+  class Described(Exception):
+    pass
+
+  def describe_data(dataset, seed, pixel_stats=None):
+    seen.append(pixel_stats)
+    raise Described
+
+  monkeypatch.setattr(train, 'describe_data', describe_data)
+  config = load_config('stage2')
+  config.update(init_from=str(stage1))
+  with pytest.raises(Described):
+    train.train_and_evaluate(config, str(tmp_path / 'stage2'))
+  with pytest.raises(Described):
+    train.train_and_evaluate(load_config('stage1'), str(tmp_path / 'other_stage1'))
+  assert seen == [([0.1, 0.2, 0.3], [0.4, 0.5, 0.6]), None]
+
+
 def write_lesions(root, images_per_lesion=3):
   """ISIC's metadata CSV for write_isic's 48 images: lesions of 3 consecutive images (one
   class each), the last image of each class without a lesion_id."""
