@@ -90,9 +90,15 @@ def _flatten(config: dict[str, Any], prefix: str = '') -> dict[str, Any]:
 def _stage1_config(directory: pathlib.Path, report: dict[str, Any]) -> dict[str, Any] | None:
   """The config of the stage-1 run that a stage-2 run started from, if it can be found.
 
-  `init_from` is the path as given at training time: absolute, relative to the
-  working directory then, or (runs moved together) a sibling of the stage-2 run.
+  The report's own copy (`stage1_config`, which stage 2 writes) comes first. Reports
+  without one are looked up through `init_from`, the path as given at training time:
+  absolute, relative to the working directory then, or (runs moved together) a
+  sibling of the stage-2 run; a config.json found there counts only if it is a
+  stage-1 run's.
   """
+  saved = report.get('stage1_config')
+  if isinstance(saved, dict):
+    return saved
   init_from = report.get('init_from') or report['config'].get('init_from')
   if not init_from:
     return None
@@ -100,7 +106,12 @@ def _stage1_config(directory: pathlib.Path, report: dict[str, Any]) -> dict[str,
   for candidate in candidates:
     config_path = candidate / 'config.json'
     if config_path.is_file():
-      return json.loads(config_path.read_text())
+      try:
+        config = json.loads(config_path.read_text())
+      except json.JSONDecodeError:
+        continue
+      if isinstance(config, dict) and config.get('stage') == 'stage1':
+        return config
   return None
 
 
@@ -122,8 +133,9 @@ def load_run(directory: str | pathlib.Path) -> Run:
   if report['stage'] == 'stage2':
     stage1 = _stage1_config(directory, report)
     if stage1 is None:
-      logging.warning('%s: the stage-1 run it started from (%s) has no config.json here; its '
-                      'lambda is unknown.', directory, report.get('init_from'))
+      logging.warning('%s: its report keeps no stage-1 config and the stage-1 run it started '
+                      'from (%s) has no config.json here; its lambda is unknown.', directory,
+                      report.get('init_from'))
     else:
       settings.update({STAGE1_PREFIX + k: v for k, v in _flatten(stage1).items()})
   return Run(directory=directory, report=report, settings=settings)
@@ -292,14 +304,17 @@ def write_comparison(methods: Sequence[Method], output_dir: str | pathlib.Path
                      ) -> list[pathlib.Path]:
   """comparison.md, comparison.csv, per_class_recall.csv and comparison.png."""
   output_dir = pathlib.Path(output_dir)
+  # {metric}_n: how many runs the mean and std are over (a metric can be undefined
+  # for a run, e.g. a ROC AUC without negatives; such a run is left out of them).
   summary_header = ['method', 'runs', 'seeds'] + [
-      f'{metric}_{stat}' for metric in CSV_METRICS for stat in ('mean', 'std')]
+      f'{metric}_{stat}' for metric in CSV_METRICS for stat in ('mean', 'std', 'n')]
   summary_rows = []
   for method in methods:
     row = {'method': method.name, 'runs': len(method.runs),
            'seeds': ' '.join(str(run.settings.get('seed')) for run in method.runs)}
     for metric in CSV_METRICS:
-      row[f'{metric}_mean'], row[f'{metric}_std'], _ = mean_and_std(method.values(metric))
+      row[f'{metric}_mean'], row[f'{metric}_std'], row[f'{metric}_n'] = mean_and_std(
+          method.values(metric))
     summary_rows.append(row)
   runs = [run for method in methods for run in method.runs]
   train_counts = _class_train_counts(runs)
@@ -329,6 +344,14 @@ def default_output_dir(run_dirs: Sequence[str | pathlib.Path]) -> pathlib.Path:
 def compare(run_dirs: Sequence[str | pathlib.Path], output_dir: str | pathlib.Path | None = None,
             group_by: Sequence[str] | None = None) -> tuple[list[Method], list[pathlib.Path]]:
   """Loads the runs, groups them into methods and writes the comparison files."""
+  if output_dir and pathlib.Path(output_dir).exists() and not pathlib.Path(output_dir).is_dir():
+    raise ComparisonError(f'--output={output_dir} is a file; name a directory for the '
+                          'comparison files (it is created if missing).')
   methods = group_runs(load_runs(run_dirs), group_by)
   output_dir = pathlib.Path(output_dir) if output_dir else default_output_dir(run_dirs)
-  return methods, write_comparison(methods, output_dir)
+  try:
+    return methods, write_comparison(methods, output_dir)
+  except OSError as error:
+    raise ComparisonError(f'cannot write the comparison files to {output_dir} '
+                          f'({error.strerror or error}); name a directory you can write to '
+                          'with --output.') from None

@@ -92,12 +92,18 @@ def _is_threshold_pair(text: str) -> bool:
   return 0 <= low <= high
 
 
-def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Validates `config`; for stage 2, fills inherited fields from the stage-1 run."""
+def resolve(config: ml_collections.ConfigDict,
+            stage1_config: dict | None = None) -> ml_collections.ConfigDict:
+  """Validates `config`; for stage 2, fills inherited fields from the stage-1 run.
+
+  `stage1_config` (stage 2 only) stands in for the stage-1 run's saved config, e.g.
+  to check a planned stage 2 before its stage 1 has trained.
+  """
   config = ml_collections.ConfigDict(config.to_dict())
   _check_choice(config, 'stage', STAGES)
   if config.stage == 'stage2':
-    _, stage1_config = stage1_run(config.init_from)
+    if stage1_config is None:
+      _, stage1_config = stage1_run(config.init_from)
     for field in INHERITED_FIELDS:
       inherited = stage1_config.get(field)
       if config[field] is None or config[field] == '':
@@ -107,6 +113,16 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             f'config.{field}={config[field]!r} differs from the stage-1 run '
             f'({inherited!r}, in {config.init_from}/config.json); stage 2 must use the same '
             f'data and encoder: drop the override.')
+  defaults = default_config(config.stage)
+  # None means something only for these: the natural imbalance of the data, and in
+  # stage 2 "as the stage-1 run" (filled above).
+  nullable = {'imbalance_ratio'} | (set(INHERITED_FIELDS) if config.stage == 'stage2' else set())
+  for field, value in config.items():
+    if value is None and field not in nullable and defaults.get(field) is not None:
+      default = defaults[field]
+      kind = type(default).__name__
+      raise ConfigError(f'config.{field}=None: give it a{"n" if kind[0] in "aeiou" else ""} '
+                        f'{kind} value (default {default!r}), or leave the field out.')
   _check_choice(config, 'dataset', readers.READERS)
   if config.get('groups_csv') and config.dataset != 'isic':
     raise ConfigError(f'config.groups_csv applies to dataset=isic (a prepared ISIC cache keeps '

@@ -127,8 +127,10 @@ def load_methods(preset: str) -> list[Method]:
   return methods
 
 
-def _parse_value(text: str, kind: type, what: str) -> Any:
-  if text in ('None', 'none'):
+def _parse_value(text: str, kind: type, what: str, default: Any = None) -> Any:
+  # 'none' is a value of some text fields (augment=none): None only where the field
+  # is not text or holds None by default (configuration.resolve refuses None elsewhere).
+  if text in ('None', 'none') and (kind is not str or default is None):
     return None
   try:
     if kind is bool:
@@ -169,7 +171,7 @@ def parse_overrides(texts: Sequence[str], bases: dict[str, Any]) -> dict[str, di
       stages = ('stage1',)
     targets = [s for s in stages if field in bases[s]]
     for s in targets:
-      parsed[s][field] = _parse_value(value, bases[s].get_type(field), what)
+      parsed[s][field] = _parse_value(value, bases[s].get_type(field), what, bases[s][field])
   return parsed
 
 
@@ -285,11 +287,17 @@ def plan_experiment(preset: str, seeds: int, workdir: str | pathlib.Path,
                               f'same runs ({result.directory}); keep one of them.')
       claimed[result.directory] = method.name
       results[method.name].append(result)
-  for run in stage1_runs.values():  # stage 2 can only be resolved once its stage 1 exists
+  # Every run is checked before any trains; a stage 2 against its planned stage-1 config,
+  # since its stage-1 run may not exist yet.
+  for run in runs:
     try:
-      configuration.resolve(run.config)
+      if run.stage == 'stage1':
+        configuration.resolve(run.config)
+      else:
+        configuration.resolve(run.config, run.stage1.config.to_dict())
     except configuration.ConfigError as error:
-      raise ExperimentError(f'{", ".join(run.methods)}: {error}') from None
+      raise ExperimentError(f'{", ".join(run.methods)}'
+                            f'{" (stage 2)" if run.stage == "stage2" else ""}: {error}') from None
   return Plan(preset, list(range(seeds)), workdir, list(overrides), parsed, methods,
               unavailable, runs, results)
 

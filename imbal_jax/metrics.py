@@ -4,8 +4,8 @@ label and class probabilities (padding rows are removed before this point).
 Two conventions keep a rare class from silently scoring 0:
 - A value that is undefined (0/0) is None, never 0 or NaN: the recall of a
   class absent from the split, the accuracy of a group with no classes, MCC
-  or kappa when every label and prediction is one class. JSON writes null and
-  the tables print '—'.
+  when every label is one class, kappa when chance agreement is already
+  perfect. JSON writes null and the tables print '—'.
 - Macro averages (balanced accuracy, macro-F1, ROC AUC) run over the classes
   PRESENT in the split: a class with no examples has no recall to average.
 """
@@ -41,17 +41,22 @@ def _mean_or_none(values) -> float | None:
 def matthews_corrcoef(confusion: np.ndarray) -> float | None:
   """Multi-class MCC (Gorodkin 2004) from a confusion matrix; None when undefined.
 
-  Undefined when all labels, or all predictions, fall in one class (a zero
-  variance); scikit-learn returns 0 there.
+  Undefined when all labels fall in one class (scikit-learn returns 0 there).
+  When the labels vary but every prediction is one class (a model collapsed onto
+  one class), it is 0, as Cohen's kappa is and as scikit-learn has it: such a
+  run's MCC must count in a mean over seeds, not drop out of it.
   """
   confusion = np.asarray(confusion, np.float64)
   total, correct = confusion.sum(), np.trace(confusion)
   true_counts, predicted_counts = confusion.sum(axis=1), confusion.sum(axis=0)
-  denominator = ((total**2 - predicted_counts @ predicted_counts) *
-                 (total**2 - true_counts @ true_counts))
-  if denominator <= 0:
+  label_spread = total**2 - true_counts @ true_counts
+  prediction_spread = total**2 - predicted_counts @ predicted_counts
+  if label_spread <= 0:
     return None
-  return float((correct * total - true_counts @ predicted_counts) / np.sqrt(denominator))
+  if prediction_spread <= 0:
+    return 0.0
+  return float((correct * total - true_counts @ predicted_counts)
+               / np.sqrt(prediction_spread * label_spread))
 
 
 def cohen_kappa(confusion: np.ndarray, weights: str | None = None) -> float | None:

@@ -226,6 +226,14 @@ def test_failed_run_is_reported_and_the_others_go_on(trained, tmp_path, monkeypa
     ('digits_lt', 2, METHODS, ['seed=3'], 'the experiment sets seed'),
     ('digits_lt', 2, METHODS, ['stage2.width=4'], 'stage 2 inherits width'),
     ('digits_lt', 2, METHODS, ['loss=focal'], 'conflicts with method CE'),
+    # Stage-2 values are checked before stage 1 trains, against the planned stage-1 config.
+    ('digits_lt', 2, METHODS, ['stage2.num_epochs=0'],
+     'CE+cRT (stage 2): config.num_epochs=0 must be > 0'),
+    ('digits_lt', 2, METHODS, ['stage2.stage2_method=bogus'],
+     "config.stage2_method='bogus' is not known"),
+    # 'none' is None only where None can be meant; a number field must have a number.
+    ('digits_lt', 2, METHODS, ['num_epochs=none'], 'config.num_epochs=None: give it an int value (default 30)'),
+    ('digits_lt', 2, METHODS, ['frequency_groups=none'], "config.frequency_groups='none': use"),
 ])
 def test_bad_input_is_one_config_error(tmp_path, monkeypatch, preset, seeds, methods, overrides,
                                        message):
@@ -237,6 +245,16 @@ def test_bad_input_is_one_config_error(tmp_path, monkeypatch, preset, seeds, met
   assert err.getvalue().startswith('imbal_jax.experiment: config error: ')
   assert message in err.getvalue()
   assert not (tmp_path / 'x').exists()
+
+
+def test_none_is_a_value_of_text_fields(tmp_path):
+  parsed = experiment_plan.parse_overrides(
+      ['augment=none', 'imbalance_ratio=none'],
+      {stage: configuration.load_config_file(configuration.CONFIGS / f'{stage}.py',
+                                             f'test_none_{stage}').get_config('digits_lt')
+       for stage in ('stage1', 'stage2')})
+  assert parsed['stage1'] == {'augment': 'none', 'imbalance_ratio': None}
+  assert parsed['stage2'] == {'augment': 'none'}
 
 
 def test_missing_data_stops_the_experiment_at_its_first_run(tmp_path):

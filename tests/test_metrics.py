@@ -145,6 +145,17 @@ def test_single_class_split():
       skm.cohen_kappa_score(labels, predictions, labels=[0, 1, 2], weights='quadratic'))
 
 
+def test_predictions_collapsed_onto_one_class_give_mcc_and_kappa_0():
+  # The labels vary, every prediction is the head class: no correlation, as scikit-learn
+  # and Cohen's kappa have it (a collapsed seed must count in a mean, not drop out).
+  labels = np.array([0, 0, 0, 1, 2, 2])
+  collapsed = np.zeros_like(labels)
+  summary = summarize_quietly(labels, one_hot(collapsed, 3))
+  assert summary['mcc'] == 0.0 == skm.matthews_corrcoef(labels, collapsed)
+  assert summary['cohen_kappa'] == pytest.approx(
+      skm.cohen_kappa_score(labels, collapsed, labels=[0, 1, 2])) == 0.0
+
+
 def test_two_classes_present_gives_a_binary_auc():
   labels = np.array([0, 0, 3, 3, 3])
   probabilities = np.array([[.7, .1, .1, .1], [.2, .1, .1, .6], [.1, .1, .1, .7],

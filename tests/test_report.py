@@ -70,6 +70,7 @@ def test_methods_means_and_stds_match_numpy(runs, tmp_path):
     cells = []
     for metric, values in expected.items():
       assert float(row[f'{metric}_mean']) == pytest.approx(np.mean(values), rel=1e-12)
+      assert int(row[f'{metric}_n']) == len(values)
       if len(values) > 1:
         std = np.std(values, ddof=1)
         assert float(row[f'{metric}_std']) == pytest.approx(std, rel=1e-12)
@@ -106,6 +107,20 @@ def test_undefined_values_are_left_out_and_counted():
   assert comparison.mean_and_std([None]) == (None, None, 0)
   assert comparison._cell([0.5, None, 0.7]) == '60.0 ± 14.1 (2/3 runs)'
   assert comparison._cell([None, None]) == '—'
+
+
+def test_csv_counts_the_runs_behind_each_mean(tmp_path):
+  directories = []
+  for seed in (0, 1, 2):
+    report, _ = fake_runs.fake_report(seed=seed)
+    if seed == 1:
+      report['test']['quadratic_kappa'] = None  # undefined for this run
+    directories.append(fake_runs.write_run(tmp_path / f'seed{seed}', report))
+  comparison.compare(directories, tmp_path / 'out')
+  (row,) = read_csv(tmp_path / 'out' / 'comparison.csv')
+  assert row['runs'] == '3' and row['accuracy_n'] == '3' and row['quadratic_kappa_n'] == '2'
+  kappas = [comparison.load_run(d).report['test']['quadratic_kappa'] for d in directories]
+  assert float(row['quadratic_kappa_mean']) == pytest.approx(np.mean([kappas[0], kappas[2]]))
 
 
 def test_a_field_other_than_the_seed_makes_another_method(tmp_path):
@@ -149,6 +164,31 @@ def test_crt_lambda_found_relative_to_cwd_or_as_a_sibling(tmp_path, monkeypatch)
     assert comparison.method_name(run.settings) == 'stage2 (cRT) lambda=0.25', name
   lost, _ = fake_runs.fake_report(seed=0, stage='stage2', init_from='/nowhere/at/all')
   run = comparison.load_run(fake_runs.write_run(tmp_path / 'lost', lost))
+  assert comparison.method_name(run.settings) == 'stage2 (cRT) lambda=?'
+
+
+def test_crt_lambda_from_the_reports_own_stage1_config(tmp_path):
+  # Stage-2 results kept without their stage-1 runs (the large checkpoints left behind):
+  # each report's copy of its stage-1 config still tells the methods apart.
+  directories = []
+  for weight in (0.0, 0.5):
+    stage1, _ = fake_runs.fake_report(seed=0, contrastive_weight=weight)
+    for seed in (0, 1):
+      report, _ = fake_runs.fake_report(seed=seed, stage='stage2', init_from='/gone/stage1')
+      report['stage1_config'] = stage1['config']
+      directories.append(fake_runs.write_run(tmp_path / f'w{weight}' / f's{seed}', report))
+  runs = comparison.load_runs(directories)
+  assert [comparison.method_name(run.settings) for run in runs] == (
+      ['stage2 (cRT) lambda=0'] * 2 + ['stage2 (cRT) lambda=0.5'] * 2)
+
+
+def test_crt_lambda_is_not_read_from_a_stage2_runs_own_config(tmp_path):
+  # results/stage1/NAME and results/stage2/NAME, moved: the sibling of the stage-2 run
+  # named like its stage-1 run is the stage-2 run itself, whose lambda is always 0.
+  stage1, _ = fake_runs.fake_report(seed=0, contrastive_weight=0.5)
+  fake_runs.write_run(tmp_path / 'results' / 'stage1' / 'run', stage1)
+  report, _ = fake_runs.fake_report(seed=0, stage='stage2', init_from='/moved/stage1/run')
+  run = comparison.load_run(fake_runs.write_run(tmp_path / 'results' / 'stage2' / 'run', report))
   assert comparison.method_name(run.settings) == 'stage2 (cRT) lambda=?'
 
 
@@ -206,3 +246,10 @@ def test_command_errors(runs, tmp_path):
   assert f'{tmp_path / "missing"}: no report.json' in result.stderr
   result = run_command()
   assert result.returncode != 0 and 'run directories' in result.stderr
+  (tmp_path / 'a_file').write_text('kept')
+  with pytest.raises(comparison.ComparisonError, match=r'--output=.*a_file is a file; name a '
+                     r'directory'):
+    comparison.compare([runs['supcon0']], tmp_path / 'a_file')
+  assert (tmp_path / 'a_file').read_text() == 'kept'
+  with pytest.raises(comparison.ComparisonError, match='cannot write the comparison files to'):
+    comparison.compare([runs['supcon0']], tmp_path / 'a_file' / 'below')
