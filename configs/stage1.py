@@ -116,6 +116,10 @@ def _small_medical(config):
   config.augment = 'rrc+flip+vflip+rot90+jitter'
 
 
+PRESETS = ('digits_lt', 'ham10000', 'dermamnist', 'fashion_mnist_lt', 'cifar10_lt',
+           'cifar100_lt', 'isic2019', 'hyper_kvasir')
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   preset = arg or 'digits_lt'
   config = base_config()
@@ -156,5 +160,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.width = 64
     config.augment = 'rrc+flip+vflip+rot90+jitter'
   else:
-    raise ValueError(f'unknown preset {preset!r} for configs/stage1.py')
+    raise ValueError(f'unknown preset {preset!r}; choose one of {", ".join(PRESETS)}')
   return config

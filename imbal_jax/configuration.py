@@ -43,6 +43,10 @@ def default_config(stage: str) -> dict:
   return load_config_file(path, f'imbal_jax_defaults_{stage}').get_config().to_dict()
 
 
+# Fields whose None is a setting: imbalance_ratio=None keeps the data's own imbalance.
+NULLABLE_FIELDS = ('imbalance_ratio',)
+
+
 class ConfigError(ValueError):
   """A config value that cannot work; the message names the field and the fix."""
 
@@ -114,9 +118,9 @@ def resolve(config: ml_collections.ConfigDict,
             f'({inherited!r}, in {config.init_from}/config.json); stage 2 must use the same '
             f'data and encoder: drop the override.')
   defaults = default_config(config.stage)
-  # None means something only for these: the natural imbalance of the data, and in
-  # stage 2 "as the stage-1 run" (filled above).
-  nullable = {'imbalance_ratio'} | (set(INHERITED_FIELDS) if config.stage == 'stage2' else set())
+  # None means something only for NULLABLE_FIELDS and, in stage 2, the inherited
+  # fields ("as the stage-1 run", filled above).
+  nullable = set(NULLABLE_FIELDS) | (set(INHERITED_FIELDS) if config.stage == 'stage2' else set())
   for field, value in config.items():
     if value is None and field not in nullable and defaults.get(field) is not None:
       default = defaults[field]

@@ -7,6 +7,7 @@ Several hosts: the same command in every process, which join before training
 or detected under SLURM, Open MPI and on Cloud TPU).
 """
 
+import os
 import re
 import sys
 
@@ -63,10 +64,41 @@ def main(argv):
     sys.exit(code)
 
 
+# Config fields for which None means something (configuration.NULLABLE_FIELDS) and
+# which the command line cannot set to None itself: absl parses a float flag as a float.
+NONE_SPELLINGS = ('None', 'none', 'null', '')
+
+
+def _config_error(message: str):
+  print(f'imbal_jax: config error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
 def parse_flags(argv):
-  """absl's parser, with a plain message for `--config.FIELD` naming no field."""
+  """absl's parser, with a plain message for `--config.FIELD` naming no field, a bad
+  value or config file, and `--config.FIELD=None` for the fields where None means
+  something (imbalance_ratio=None keeps the data's own imbalance)."""
+  set_to_none, kept = [], []
+  for arg in argv:
+    name, sep, value = arg.partition('=')
+    if sep and name.startswith('--config.') and value in NONE_SPELLINGS:
+      from imbal_jax.configuration import NULLABLE_FIELDS  # imports JAX, starts no backend
+      if name[len('--config.'):] in NULLABLE_FIELDS:
+        set_to_none.append(name[len('--config.'):])
+        continue
+    kept.append(arg)
+  config_path = next((a.partition('=')[2] for a in argv if a.startswith('--config=')), None)
+  if config_path and not os.path.isfile(config_path.split(':')[0]):
+    _config_error(f'--config={config_path}: {config_path.split(":")[0]} is not a file; name '
+                  'configs/stage1.py or configs/stage2.py (a preset after a colon).')
   try:
-    return FLAGS(argv)
+    remaining = FLAGS(kept)
+  except flags.IllegalFlagValueError as error:
+    # A failing config file's message comes with its traceback as text: keep its last line.
+    if 'Traceback' in str(error):
+      last = str(error).strip().splitlines()[-1]
+      _config_error(f'--config={config_path}: {re.sub(r"^[A-Za-z]*Error: ", "", last)}')
+    _config_error(str(error))
   except (AttributeError, KeyError) as error:
     raw = str(error)
     fields = [arg.split('=')[0][len('--config.'):] for arg in argv[1:]
@@ -78,6 +110,9 @@ def parse_flags(argv):
         '; the config file lists the fields (check the spelling).')
     print(message, file=sys.stderr)
     sys.exit(2)
+  for field in set_to_none:
+    FLAGS.config[field] = None
+  return remaining
 
 
 if __name__ == '__main__':

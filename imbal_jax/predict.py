@@ -262,6 +262,10 @@ def predict(workdir: str | pathlib.Path, input_path: str | pathlib.Path,
   inputs = read_inputs(input_path, data['image_shape'])
   if output.is_dir():
     raise PredictError(f'--output={output} is a directory; name a .csv file.')
+  blocking = next((p for p in output.parents if p.exists() and not p.is_dir()), None)
+  if blocking is not None:
+    raise PredictError(f'--output={output}: {blocking} is a file, not a directory; name a .csv '
+                       'file in a directory.')
   mesh = mesh or sharding.make_mesh()
   batch_size = choose_batch_size(batch_size, _eval_batch_size(config), len(inputs.names), mesh)
   model = _build_model(run_dir, config, data, mesh)

@@ -106,6 +106,12 @@ def load_dataset(config, workdir: pathlib.Path) -> sources.Dataset:
   return sources.load(config, spec, fingerprint, str(saved))
 
 
+# What --force cannot change in an existing run: the data and its split (saved in
+# data.json and reused), the seed that drew the long-tail subsample, and what decides
+# the shapes of the saved state.
+FIXED_FIELDS = configuration.INHERITED_FIELDS + ('stage', 'seed', 'stage2_method')
+
+
 def stage1_pixel_stats(config) -> tuple[list[float], list[float]] | None:
   """Stage 2: the pixel statistics the stage-1 encoder was trained with (its data.json)."""
   if config.stage != 'stage2':
@@ -226,8 +232,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       sharding.check_batch_size(config[field], mesh, f'config.{field}')
     except ValueError as error:
       raise configuration.ConfigError(str(error)) from None
+  workdir_lib.check_usable(workdir)
   workdir_lib.check_config(workdir, config.to_dict(), force,
-                           configuration.default_config(config.stage))
+                           configuration.default_config(config.stage), FIXED_FIELDS)
   is_writer = jax.process_index() == 0
 
   dataset = load_dataset(config, workdir)

@@ -41,13 +41,25 @@ class Preempted(Exception):
     self.step = step
 
 
+def check_usable(workdir: pathlib.Path) -> None:
+  """Refuses a --workdir that is a file or lies below one, before any work is done."""
+  for path in (workdir, *workdir.parents):
+    if path.exists():
+      if not path.is_dir():
+        raise WorkdirError(f'--workdir={workdir}: {path} is a file, not a directory; name a '
+                           'directory for the run (it is created if missing).')
+      return
+
+
 def check_config(workdir: pathlib.Path, config: dict, force: bool,
-                 defaults: dict | None = None) -> None:
+                 defaults: dict | None = None, fixed: tuple[str, ...] = ()) -> None:
   """Refuses a workdir whose saved config differs from `config` in a field that matters.
 
   A field the saved config lacks (a run written before the field existed)
   agrees when `config` holds its value in `defaults`: a new field's default
-  keeps what earlier versions did.
+  keeps what earlier versions did. `--force` continues the run with the new
+  config, except for the `fixed` fields: the saved splits and checkpoints were
+  made with their old values, so a run cannot change them.
   """
   saved_path = workdir / 'config.json'
   if not saved_path.is_file():
@@ -62,7 +74,17 @@ def check_config(workdir: pathlib.Path, config: dict, force: bool,
   differing = {k: (saved.get(k), config.get(k)) for k in sorted(keys)
                if saved.get(k) != config.get(k)
                and not (k not in saved and k in defaults and config.get(k) == defaults[k])}
-  if not differing or force:
+  if not differing:
+    return
+  stuck = {k: v for k, v in differing.items() if k in fixed}
+  if force and stuck:
+    lines = '\n'.join(f'  {k}: {old!r} in the workdir, {new!r} now'
+                      for k, (old, new) in stuck.items())
+    raise WorkdirError(
+        f'{workdir} holds a run with a different config, and --force cannot change these '
+        f'fields, which its saved splits or checkpoints were made with:\n{lines}\n'
+        'Start a fresh --workdir for them.')
+  if force:
     return
   lines = '\n'.join(f'  {k}: {old!r} in the workdir, {new!r} now'
                     for k, (old, new) in differing.items())

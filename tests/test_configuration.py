@@ -87,6 +87,34 @@ def test_main_reports_config_error_without_traceback(tmp_path):
   assert 'Traceback' not in result.stderr
 
 
+@pytest.mark.parametrize('args, message', [
+    (['--config=configs/stage1.py:ham1000'],
+     "--config=configs/stage1.py:ham1000: unknown preset 'ham1000'; choose one of digits_lt, "
+     'ham10000'),
+    (['--config=configs/stage3.py'], '--config=configs/stage3.py: configs/stage3.py is not a file'),
+    (['--config=configs/stage1.py', '--config.num_epochs=abc'], '--config.num_epochs=abc'),
+])
+def test_main_reports_a_bad_config_flag_in_one_line(tmp_path, args, message):
+  result = subprocess.run([sys.executable, '-m', 'imbal_jax.main', f'--workdir={tmp_path}/run',
+                           *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert result.stderr.startswith('imbal_jax: config error: ') and message in result.stderr
+  assert len(result.stderr.strip().splitlines()) == 1
+  assert not (tmp_path / 'run').exists()
+
+
+def test_imbalance_ratio_none_on_the_command_line():
+  # absl cannot parse None for a float flag; the command line sets it all the same.
+  code = ('import sys; from imbal_jax import main; main.parse_flags(sys.argv); '
+          'print(repr(main.FLAGS.config.imbalance_ratio), main.FLAGS.config.num_epochs)')
+  for spelling in ('None', 'none', 'null', ''):
+    result = subprocess.run(
+        [sys.executable, '-c', code, '--config=configs/stage1.py', '--workdir=unused',
+         f'--config.imbalance_ratio={spelling}', '--config.num_epochs=3'],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ['None', '3'], result.stderr[-2000:]
+
+
 def test_metric_only_encoder_needs_a_metric_loss_weight():
   config = load_config('stage1')
   config.update(classification_trains_encoder=False, contrastive_weight=0.0)
@@ -138,3 +166,30 @@ def test_eval_batch_size_matters_only_where_it_draws_cached_feature_views(tmp_pa
   with pytest.raises(workdir.WorkdirError, match=r'eval_batch_size: \d+ in the workdir, 8 now'):
     workdir.check_config(run, {**views, 'eval_batch_size': 8}, force=False)
   workdir.check_config(run, {**views, 'log_every_steps': 3}, force=False)  # still harmless
+
+
+def test_force_cannot_change_the_data_or_the_state_shapes(tmp_path):
+  from imbal_jax import train, workdir
+  config = load_config('stage1').to_dict()
+  run = saved_run(tmp_path, config)
+  changed = {**config, 'imbalance_ratio': 100.0, 'temperature': 0.2}
+  with pytest.raises(workdir.WorkdirError, match='pass --force'):
+    workdir.check_config(run, changed, force=False, fixed=train.FIXED_FIELDS)
+  # The saved split was drawn at ratio 10: forcing would record 100 over ratio-10 data.
+  with pytest.raises(workdir.WorkdirError,
+                     match=r'--force cannot change these fields.*\n  imbalance_ratio: 10.0 in the '
+                           r'workdir, 100.0 now\nStart a fresh --workdir') as raised:
+    workdir.check_config(run, changed, force=True, fixed=train.FIXED_FIELDS)
+  assert 'temperature' not in str(raised.value)
+  workdir.check_config(run, {**config, 'temperature': 0.2}, force=True, fixed=train.FIXED_FIELDS)
+  assert {'stage2_method', 'model', 'seed', 'data_path'} <= set(train.FIXED_FIELDS)
+
+
+def test_a_workdir_that_is_a_file_is_refused_before_any_work(tmp_path, monkeypatch):
+  from imbal_jax import train, workdir
+  (tmp_path / 'afile').write_text('kept')
+  monkeypatch.setattr(train, 'load_dataset', lambda *a: pytest.fail('data was loaded'))
+  for target in (tmp_path / 'afile', tmp_path / 'afile' / 'run'):
+    with pytest.raises(workdir.WorkdirError, match=f'{tmp_path / "afile"} is a file, not a dir'):
+      train.train_and_evaluate(load_config('stage1'), str(target))
+  assert (tmp_path / 'afile').read_text() == 'kept'

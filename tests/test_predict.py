@@ -221,6 +221,9 @@ def test_bad_workdirs_inputs_and_batch_sizes(root, tmp_path):
   np.savez(tmp_path / 'ok.npz', images=np.zeros((3, 8, 8), np.uint8))
   with pytest.raises(predict.PredictError, match='--batch_size=12 is the GLOBAL batch'):
     predict.predict(root / 'stage1', tmp_path / 'ok.npz', tmp_path / 'x.csv', batch_size=12)
+  # An output that cannot be written is found before the model is built.
+  with pytest.raises(predict.PredictError, match=r'ok.npz is a file, not a directory'):
+    predict.predict(root / 'stage1', tmp_path / 'ok.npz', tmp_path / 'ok.npz' / 'out.csv')
 
 
 def test_command_exits_2_with_one_message(tmp_path):

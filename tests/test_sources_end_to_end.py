@@ -142,6 +142,18 @@ def test_stage2_normalises_with_the_stage1_statistics(tmp_path):
   assert (info['pixel_mean'], info['pixel_std']) == ([0.1, 0.2, 0.3], [0.4, 0.5, 0.6])
 
 
+def test_long_tail_subsampling_is_noted_with_its_counts():
+  config = load_config('stage1')  # digits, imbalance_ratio 10
+  dataset = train.sources.load(config)
+  kept, val, test = (len(dataset.splits[s]) for s in ('train', 'val', 'test'))
+  assert (f'config.imbalance_ratio=10 subsampled the training split to {kept} of its '
+          f'{1797 - val - test} images') in dataset.notes[-1]
+  config.imbalance_ratio = None
+  dataset = train.sources.load(config)
+  assert len(dataset.splits['train']) == 1797 - val - test
+  assert not any('imbalance_ratio' in note for note in dataset.notes)
+
+
 def test_stage2_run_hands_the_stage1_statistics_to_its_data(tmp_path, monkeypatch):
   # train_and_evaluate itself passes them on: stopped where the data is described,
   # before anything is compiled or trained.

@@ -283,4 +283,13 @@ def load(config, spec=None, fingerprint=None, saved_in: str = 'the saved split')
   if spec is None:
     spec = make_spec(source, config.imbalance_ratio, config.seed, config.get('split_seed', 0),
                      config.get('val_fraction', 0.1), config.get('test_fraction', 0.2))
-  return build(source, spec)
+  dataset = build(source, spec)
+  if config.imbalance_ratio is not None:
+    # Said every time, so that images left out of training are never left out silently.
+    carved = sum(len(spec[s]['rows']) for s in ('val', 'test') if spec[s]['part'] == 'train')
+    available = len(source.parts['train']) - carved
+    dataset = dataclasses.replace(dataset, notes=dataset.notes + (
+        f'config.imbalance_ratio={config.imbalance_ratio:g} subsampled the training split to '
+        f'{len(spec["train"]["rows"])} of its {available} images (the long-tail protocol); '
+        '--config.imbalance_ratio=None keeps them all.',))
+  return dataset
