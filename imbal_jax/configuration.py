@@ -85,6 +85,11 @@ def stage1_run(init_from: str) -> tuple[pathlib.Path, dict]:
   if not any(p.is_dir() and p.name.isdigit() for p in (run_dir / 'best').iterdir()):
     raise ConfigError(f'config.init_from={init_from!r} has no finished stage-1 checkpoint in '
                       'best/; let stage 1 run to its first evaluation.')
+  if not (run_dir / 'report.json').is_file():
+    # An interrupted stage 1 would hand stage 2 an encoder it later replaces.
+    raise ConfigError(f'config.init_from={init_from!r}: stage 1 has not finished there (no '
+                      'report.json, which it writes at the end); rerun its command with '
+                      f'--workdir={init_from} to finish it, then stage 2.')
   return run_dir, saved
 
 

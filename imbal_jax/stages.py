@@ -177,6 +177,7 @@ def build_stage2(config, dataset: sources.Dataset, data_info, mesh, steps_per_ep
       logits_fn=functools.partial(steps.stage2_logits, encoder=trunk, head=head),
       extra_report={'init_from': str(stage1_dir),
                     'stage1_selected_step': stage1_info['step'],
+                    'stage1_selected_score': stage1_info.get('score'),
                     'stage1_config': stage1_config,
                     'stage2': {'method': method}})
   if method not in classifiers.TRAINED_METHODS:

@@ -250,11 +250,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                   config.num_epochs, pairs=config.batch_pairs)
   build = stages.build_stage1 if config.stage == 'stage1' else stages.build_stage2
   stage = build(config, dataset, data_info, mesh, batches.steps_per_epoch)
+  stage1_record = None
+  if config.stage == 'stage2':
+    stage1_record = workdir_lib.check_stage1_unchanged(
+        workdir, pathlib.Path(config.init_from),
+        {'step': stage.extra_report['stage1_selected_step'],
+         'score': stage.extra_report.get('stage1_selected_score')})
 
   if is_writer:
     workdir.mkdir(parents=True, exist_ok=True)
     reporting.write_json(workdir / 'config.json', config.to_dict())
     reporting.write_json(workdir / 'data.json', data_info)
+    if stage1_record is not None and not (workdir / workdir_lib.STAGE1_RECORD).is_file():
+      reporting.write_json(workdir / workdir_lib.STAGE1_RECORD, stage1_record)
   ckpt = checkpoint.Checkpoints(workdir)
   state = stage.state
   if stage.fit is not None:

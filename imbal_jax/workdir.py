@@ -41,6 +41,32 @@ class Preempted(Exception):
     self.step = step
 
 
+STAGE1_RECORD = 'stage1.json'
+
+
+def check_stage1_unchanged(workdir: pathlib.Path, stage1_dir: pathlib.Path,
+                           selected: dict) -> dict:
+  """Refuses to continue a stage-2 run whose stage-1 run has selected another model since.
+
+  `selected` is the stage-1 model's step and score now; the stage-2 workdir keeps
+  what they were when it started (STAGE1_RECORD). Returns the record to keep.
+  """
+  record = {'init_from': str(stage1_dir), 'selected_step': selected.get('step'),
+            'selected_score': selected.get('score')}
+  path = workdir / STAGE1_RECORD
+  if path.is_file():
+    saved = json.loads(path.read_text())
+    if (saved.get('selected_step'), saved.get('selected_score')) != (
+        record['selected_step'], record['selected_score']):
+      raise WorkdirError(
+          f'the stage-1 run {stage1_dir} changed since the stage-2 run in {workdir} started: '
+          f'its selected model was step {saved.get("selected_step")} (score '
+          f'{saved.get("selected_score")}), now step {record["selected_step"]} (score '
+          f'{record["selected_score"]}). That run\'s head was trained on the old encoder; '
+          'start stage 2 in a fresh --workdir.')
+  return record
+
+
 def check_usable(workdir: pathlib.Path) -> None:
   """Refuses a --workdir that is a file or lies below one, before any work is done."""
   for path in (workdir, *workdir.parents):

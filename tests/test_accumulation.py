@@ -168,6 +168,7 @@ def test_invalid_accumulation_is_a_config_error(overrides, message):
 def test_stage2_refuses_accumulation(tmp_path):
   stage1_dir = tmp_path / 'stage1'
   (stage1_dir / 'best' / '10').mkdir(parents=True)
+  (stage1_dir / 'report.json').write_text('{}')  # finished
   (stage1_dir / 'config.json').write_text(json.dumps(load_config('stage1').to_dict()))
   config = load_config('stage2', init_from=str(stage1_dir), grad_accum_steps=2)
   with pytest.raises(configuration.ConfigError, match=r'config\.grad_accum_steps=2: .* stage 1'):

@@ -53,9 +53,36 @@ def test_stage2_init_from_missing_or_without_checkpoint(tmp_path):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
 
 
+def test_stage2_needs_a_finished_stage1(tmp_path):
+  stage1_dir = tmp_path / 'stage1'
+  (stage1_dir / 'best' / '10').mkdir(parents=True)  # evaluated once, then interrupted
+  (stage1_dir / 'config.json').write_text(json.dumps(load_config('stage1').to_dict()))
+  config = load_config('stage2')
+  config.init_from = str(stage1_dir)
+  with pytest.raises(configuration.ConfigError, match=r'stage 1 has not finished there \(no '
+                     r'report.json.*rerun its command'):
+    configuration.resolve(config)
+  (stage1_dir / 'report.json').write_text('{}')
+  assert configuration.resolve(config).init_from == str(stage1_dir)
+
+
+def test_stage2_continues_only_on_the_stage1_model_it_started_from(tmp_path):
+  from imbal_jax import workdir
+  run = tmp_path / 'stage2'
+  run.mkdir()
+  record = workdir.check_stage1_unchanged(run, tmp_path / 's1', {'step': 8, 'score': 0.5})
+  assert record == {'init_from': str(tmp_path / 's1'), 'selected_step': 8, 'selected_score': 0.5}
+  (run / workdir.STAGE1_RECORD).write_text(json.dumps(record))
+  workdir.check_stage1_unchanged(run, tmp_path / 's1', {'step': 8, 'score': 0.5})  # the same
+  with pytest.raises(workdir.WorkdirError, match=r'changed since the stage-2 run .* started: its '
+                     r'selected model was step 8 \(score 0.5\), now step 40 \(score 0.7\)'):
+    workdir.check_stage1_unchanged(run, tmp_path / 's1', {'step': 40, 'score': 0.7})
+
+
 def test_stage2_refuses_data_fields_that_differ_from_stage1(tmp_path):
   stage1_dir = tmp_path / 'stage1'
   (stage1_dir / 'best' / '10').mkdir(parents=True)
+  (stage1_dir / 'report.json').write_text('{}')  # finished
   saved = load_config('stage1').to_dict()
   (stage1_dir / 'config.json').write_text(json.dumps(saved))
   config = load_config('stage2')

@@ -159,6 +159,7 @@ def test_stage2_run_hands_the_stage1_statistics_to_its_data(tmp_path, monkeypatc
   # before anything is compiled or trained.
   stage1 = tmp_path / 'stage1'
   (stage1 / 'best' / '1').mkdir(parents=True)  # as a finished stage-1 run has
+  (stage1 / 'report.json').write_text('{}')  # finished
   (stage1 / 'config.json').write_text(json.dumps(load_config('stage1').to_dict()))
   described = train.describe_data(train.sources.load(load_config('stage1')), 0)  # digits
   described.update(pixel_mean=[0.1, 0.2, 0.3], pixel_std=[0.4, 0.5, 0.6])
