@@ -53,7 +53,17 @@ def guarded_update(state: TrainState, new_state: TrainState, loss, grads) -> Tra
   finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
       [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
   kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+
+  def optimizer_leaf(path, new, old):
+    # The optimizer's step counts advance even on a skipped step, so its schedule stays
+    # at state.step (the learning rate logged is the one applied); its moments do not.
+    return new if path and getattr(path[-1], 'name', None) == 'count' else (
+        jnp.where(finite, new, old))
+
+  opt_state = jax.tree_util.tree_map_with_path(optimizer_leaf, new_state.opt_state,
+                                               state.opt_state)
   return kept.replace(
+      opt_state=opt_state,
       step=state.step + 1,
       nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
       first_nonfinite_step=jnp.where(

@@ -72,19 +72,22 @@ def test_build_stage1_computes_convolutions_and_dense_layers_in_bfloat16(bfloat1
   variables = stage.eval_variables(stage.state)
   jaxpr = jax.make_jaxpr(functools.partial(model.apply, train=True, mutable=['batch_stats']))(
       variables, jnp.zeros((2, 8, 8, 1)))
-  operand_dtypes, counts = {}, {}
+  operand_dtypes = {'conv_general_dilated': [], 'dot_general': []}
   for equation in jaxpr.jaxpr.eqns:
-    name = equation.primitive.name
-    if name in ('conv_general_dilated', 'dot_general'):
-      operand_dtypes.setdefault(name, set()).update(v.aval.dtype for v in equation.invars)
-      counts[name] = counts.get(name, 0) + 1
-  # The 31 convolutions of ResNet-32 and the 3 dense layers of the heads, all in bfloat16.
-  assert counts == {'conv_general_dilated': 31, 'dot_general': 3}
-  assert operand_dtypes == {'conv_general_dilated': {jnp.dtype(jnp.bfloat16)},
-                            'dot_general': {jnp.dtype(jnp.bfloat16)}}
-  logits, embeddings = jax.eval_shape(functools.partial(model.apply, train=False),
-                                      variables, jnp.zeros((2, 8, 8, 1)))
+    if equation.primitive.name in operand_dtypes:
+      dtypes = {v.aval.dtype for v in equation.invars}
+      assert len(dtypes) == 1, equation
+      operand_dtypes[equation.primitive.name].append(dtypes.pop().name)
+  # The 31 convolutions of ResNet-32 and the projection's hidden layer in bfloat16; the
+  # layers that make the logits and the embeddings in float32.
+  assert operand_dtypes['conv_general_dilated'] == ['bfloat16'] * 31
+  assert sorted(operand_dtypes['dot_general']) == ['bfloat16', 'float32', 'float32']
+  images = jax.random.uniform(jax.random.key(0), (4, 8, 8, 1))
+  logits, embeddings = model.apply(variables, images, train=False)
   assert logits.dtype == embeddings.dtype == jnp.float32
+  # Float32 values, not bfloat16 ones cast up.
+  for values in (logits, embeddings):
+    assert np.any(np.asarray(values) != np.asarray(values.astype(jnp.bfloat16), np.float32))
 
 
 def test_bfloat16_loss_is_within_1e_2_of_float32_on_the_same_params(bfloat16_stage):

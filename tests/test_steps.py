@@ -141,3 +141,34 @@ def test_evaluation_keeps_every_example_once_on_1_and_8_devices(stage1, devices)
 def test_batch_size_must_divide_device_count(devices):
   with pytest.raises(ValueError, match=r'config.batch_size=12 .* 8 devices.*try 8 or 16'):
     sharding.check_batch_size(12, sharding.make_mesh(devices))
+
+
+def test_a_skipped_update_keeps_the_schedule_at_the_step():
+  # Plain SGD on a cosine schedule, so each update is -lr * gradient: a refused
+  # (non-finite) update changes no parameter and no momentum, but the learning rate
+  # of every later step is still the schedule's value at that step, the one logged.
+  import ml_collections
+  from imbal_jax import stages
+  config = ml_collections.ConfigDict(dict(num_epochs=1, warmup_epochs=0, learning_rate=1.0,
+                                          momentum=0.9, weight_decay=0.0))
+  tx, learning_rate_fn = stages.make_optimizer(config, 10)
+  state = steps.TrainState.create(apply_fn=None, params={'w': jnp.zeros(())}, tx=tx,
+                                  batch_stats={})
+  applied = []
+  for step in range(5):
+    grads = {'w': jnp.asarray(jnp.nan if step == 1 else 1.0)}
+    new = steps.guarded_update(state, state.apply_gradients(grads=grads), jnp.zeros(()), grads)
+    applied.append(float(state.params['w'] - new.params['w']))
+    if step == 1:  # refused: the momentum trace is the one before it, the count moved on
+      def leaves(tree, counts):
+        return [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+                if (getattr(path[-1], 'name', None) == 'count') == counts]
+      chex.assert_trees_all_equal(leaves(new.opt_state, False), leaves(state.opt_state, False))
+      assert [int(c) for c in leaves(new.opt_state, True)] == [2]
+    state = new
+  assert int(state.step) == 5 and int(state.nonfinite_steps) == 1
+  # Momentum 0.9: the trace is 1 after step 0, then 1.9, 2.71, ... skipping step 1.
+  traces = [1.0, None, 1.9, 2.71, 3.439]
+  for step, trace in enumerate(traces):
+    expected = 0.0 if trace is None else float(learning_rate_fn(step)) * trace
+    assert applied[step] == pytest.approx(expected, rel=1e-5), step

@@ -1,7 +1,9 @@
 """Heads on top of the encoder's pooled features, and the stage-1 network.
 
-`dtype` is the compute dtype of the dense layers; their parameters are float32
-and every head returns float32, so the losses never see bfloat16.
+`dtype` is the compute dtype of the hidden dense layers; parameters are float32,
+and the layers that produce a head's output (the logits, the embeddings) compute
+in float32 from float32 inputs, so the losses see float32 values, not bfloat16
+ones cast up. Those layers are small next to the encoder.
 """
 
 from __future__ import annotations
@@ -21,9 +23,8 @@ class LinearHead(nn.Module):
 
   @nn.compact
   def __call__(self, features):
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
-                      name='dense')(features)
-    return logits.astype(jnp.float32)
+    return nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=jnp.float32,
+                    name='dense')(features.astype(jnp.float32))
 
 
 class ProjectionHead(nn.Module):
@@ -41,9 +42,10 @@ class ProjectionHead(nn.Module):
     dense = lambda size, name: nn.Dense(size, dtype=self.dtype, param_dtype=jnp.float32,
                                         name=name)
     x = nn.relu(dense(self.hidden_dim, 'hidden')(features))
-    # Normalised in float32: bfloat16 keeps under 3 significant digits, and the
+    # The embedding in float32: bfloat16 keeps under 3 significant digits, and the
     # contrastive loss divides similarities by its temperature (0.1).
-    x = dense(self.output_dim, 'output')(x).astype(jnp.float32)
+    x = nn.Dense(self.output_dim, dtype=jnp.float32, param_dtype=jnp.float32,
+                 name='output')(x.astype(jnp.float32))
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
