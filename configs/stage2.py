@@ -71,6 +71,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config[field] = config_dict.placeholder(int)
   for field in ('imbalance_ratio', 'val_fraction', 'test_fraction'):
     config[field] = config_dict.placeholder(float)
+  config.skip_corrupt = config_dict.placeholder(bool)
   config.sampler = 'class_balanced'
   config.batch_pairs = False  # no metric loss in stage 2
   config.contrastive_weight = 0.0

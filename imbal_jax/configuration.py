@@ -20,7 +20,7 @@ STAGES = ('stage1', 'stage2')
 # Fields a stage-2 run takes from its stage-1 run ('' / 0 means "inherit").
 INHERITED_FIELDS = ('dataset', 'data_dir', 'data_path', 'labels_csv', 'groups_csv',
                     'tfds_name', 'image_size', 'imbalance_ratio', 'split_seed', 'val_fraction',
-                    'test_fraction', 'model', 'width', 'projection_dim')
+                    'test_fraction', 'skip_corrupt', 'model', 'width', 'projection_dim')
 
 
 # The config files (configs/stage1.py, configs/stage2.py, configs/experiments/).
@@ -176,7 +176,12 @@ def resolve(config: ml_collections.ConfigDict,
         f'config.batch_size={config.batch_size} must be divisible by config.grad_accum_steps='
         f'{accum} times the {jax.device_count()} devices ({per_step}); change either, e.g. '
         f'config.batch_size={max(per_step, config.batch_size - config.batch_size % per_step)}.')
-  if not config.classification_trains_encoder and config.contrastive_weight == 0:
+  if config.stage == 'stage2' and config.loss != 'ce':
+    raise ConfigError(f'config.loss={config.loss!r}: stage 2 trains its head with cross-entropy '
+                      'on class-balanced batches (its rebalancing is the sampler and the '
+                      "stage2_method); the loss applies to stage 1. Leave it at 'ce'.")
+  if (config.stage == 'stage1' and not config.classification_trains_encoder
+      and config.contrastive_weight == 0):
     raise ConfigError('config.classification_trains_encoder=False leaves the encoder to the '
                       'metric loss, but config.contrastive_weight=0: set a positive weight.')
   groups = config.frequency_groups

@@ -11,7 +11,8 @@ CSV with a `path` column (paths relative to the CSV's folder), or one image.
 Images are decoded, resized and normalised as the run's data was, then given
 the model's channel count (RGB to grey with the ITU-R 601 luma weights).
 
-The output CSV (default DIR/predictions.csv) has one row per input: input,
+The output CSV (default DIR/predictions.csv; an earlier one there is kept as
+predictions.N.csv, while a named --output is replaced) has one row per input: input,
 predicted_class, predicted_index, p_<class> per class and status. An input
 that cannot be read keeps its row, with the error in `status` and no
 probabilities; the exit status is 0 once the CSV is written. A DIR without a
@@ -255,6 +256,7 @@ def predict(workdir: str | pathlib.Path, input_path: str | pathlib.Path,
             output: str | pathlib.Path | None = None, batch_size: int | None = None,
             mesh: Mesh | None = None) -> tuple[Predictions, pathlib.Path, Model]:
   """The command: finds the model, predicts every input, writes the CSV, prints a summary."""
+  keep_earlier = not output  # the default file is kept, as predictions.N.csv, not replaced
   output = pathlib.Path(output) if output else pathlib.Path(workdir) / 'predictions.csv'
   run_dir = find_run(workdir)
   config, data = _read_json(run_dir / 'config.json'), _read_json(run_dir / 'data.json')
@@ -275,6 +277,12 @@ def predict(workdir: str | pathlib.Path, input_path: str | pathlib.Path,
   for note in inputs.notes:
     print(f'note: {note}')
   predictions = run(model, inputs, batch_size)
+  if keep_earlier and output.is_file():
+    index = 1
+    while output.with_name(f'{output.stem}.{index}{output.suffix}').exists():
+      index += 1
+    kept = output.rename(output.with_name(f'{output.stem}.{index}{output.suffix}'))
+    print(f'note: the earlier {output.name} is kept as {kept.name}.')
   path = write_predictions(output, predictions, model.class_names)
   failures = [s for s in predictions.status if s != 'ok']
   print(f'Predicted {len(predictions.status) - len(failures)} of {len(predictions.status)} '

@@ -220,3 +220,19 @@ def test_a_workdir_that_is_a_file_is_refused_before_any_work(tmp_path, monkeypat
     with pytest.raises(workdir.WorkdirError, match=f'{tmp_path / "afile"} is a file, not a dir'):
       train.train_and_evaluate(load_config('stage1'), str(target))
   assert (tmp_path / 'afile').read_text() == 'kept'
+
+
+def test_stage2_inherits_skip_corrupt_and_keeps_cross_entropy(tmp_path):
+  stage1_dir = tmp_path / 'stage1'
+  (stage1_dir / 'best' / '10').mkdir(parents=True)
+  (stage1_dir / 'report.json').write_text('{}')
+  saved = load_config('stage1').to_dict()
+  saved['skip_corrupt'] = True  # stage 1 left unreadable images out; stage 2 must too
+  (stage1_dir / 'config.json').write_text(json.dumps(saved))
+  config = load_config('stage2')
+  config.init_from = str(stage1_dir)
+  assert configuration.resolve(config).skip_corrupt is True
+  config.loss = 'focal'
+  with pytest.raises(configuration.ConfigError, match="config.loss='focal': stage 2 trains its "
+                     'head with cross-entropy'):
+    configuration.resolve(config)

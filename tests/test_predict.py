@@ -118,6 +118,13 @@ def test_parent_folder_prefers_trained_stage2(root, digits_test, tmp_path):
   accuracy = np.mean(predictions.predicted_index == labels)
   report = json.loads((root / 'stage2' / 'report.json').read_text())
   assert accuracy == pytest.approx(report['test']['accuracy'], abs=1e-12)
+  # A second prediction into the default file keeps the first one.
+  first = path.read_text()
+  np.savez(tmp_path / 'three.npz', images=images[:3])
+  _, again, _ = predict.predict(root, tmp_path / 'three.npz', batch_size=128)
+  assert again == path and len(again.read_text().splitlines()) == 4
+  kept = max(root.glob('predictions.*.csv'), key=lambda p: int(p.stem.split('.')[1]))
+  assert kept.read_text() == first
   # Without a finished stage-2 checkpoint, stage 1 is used.
   parent = tmp_path / 'parent'
   (parent / 'stage2' / 'best').mkdir(parents=True)

@@ -240,3 +240,14 @@ def test_groups_csv_is_refused_where_it_does_not_apply(tmp_path):
     prepare.prepare('folder', str(tmp_path), str(tmp_path / 'cache'), image_size=8,
                     groups_csv=str(tmp_path / 'meta.csv'))
   assert not (tmp_path / 'cache').exists()  # refused before creating anything
+
+
+def test_image_size_of_a_stored_data_set_must_match_it():
+  config = load_config('stage1')  # digits: 8x8, not resized by any reader
+  config.image_size = 32
+  with pytest.raises(train.sources.DataError, match=r'config.image_size=32, but digits holds 8x8 '
+                     r'images, and only image-file data sets \(folder, csv, isic\) are resized: '
+                     r'set --config.image_size=8'):
+    train.sources.load(config)
+  config.image_size = 8
+  assert train.sources.load(config).image_shape == (8, 8, 1)

@@ -173,6 +173,10 @@ def _grouped_split(labels, num_classes, fraction, rng, what, groups):
   return held, np.setdiff1d(np.arange(len(labels)), held)
 
 
+# The readers that decode image files and resize them to config.image_size.
+RESIZING_READERS = ('folder', 'csv', 'isic')
+
+
 def make_spec(source: Source, imbalance_ratio: float | None, seed: int, split_seed: int,
               val_fraction: float, test_fraction: float) -> dict[str, dict[str, Any]]:
   """Which rows of which source part make each split."""
@@ -284,6 +288,15 @@ def load(config, spec=None, fingerprint=None, saved_in: str = 'the saved split')
     spec = make_spec(source, config.imbalance_ratio, config.seed, config.get('split_seed', 0),
                      config.get('val_fraction', 0.1), config.get('test_fraction', 0.2))
   dataset = build(source, spec)
+  stored = tuple(dataset.image_shape[:2])
+  if (config.get('image_size') and config.dataset not in RESIZING_READERS
+      and stored != (config.image_size, config.image_size)):
+    raise DataError(
+        f'config.image_size={config.image_size}, but {source.name} holds {stored[0]}x'
+        f'{stored[1]} images, and only image-file data sets ({", ".join(RESIZING_READERS)}) are '
+        f'resized: set --config.image_size={stored[0] if stored[0] == stored[1] else 0} '
+        '(0: as stored)' + (', or prepare the cache again with --image_size='
+                            f'{config.image_size}.' if config.dataset == 'prepared' else '.'))
   if config.imbalance_ratio is not None:
     # Said every time, so that images left out of training are never left out silently.
     carved = sum(len(spec[s]['rows']) for s in ('val', 'test') if spec[s]['part'] == 'train')
