@@ -64,8 +64,8 @@ def main(argv):
     sys.exit(code)
 
 
-# Config fields for which None means something (configuration.NULLABLE_FIELDS) and
-# which the command line cannot set to None itself: absl parses a float flag as a float.
+# How None is written for configuration.NULLABLE_FIELDS on the command line; absl would
+# parse it as a float and fail, so parse_flags sets these fields itself.
 NONE_SPELLINGS = ('None', 'none', 'null', '')
 
 
