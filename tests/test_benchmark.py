@@ -231,12 +231,16 @@ def test_matmul_flops_of_resnet50_match_published_counts():
     assert 0.95 < xla['flops'] / count < 1.0
 
 
-def load_versus_pytorch():
-  spec = importlib.util.spec_from_file_location('versus_pytorch',
-                                                ROOT / 'benchmarks' / 'versus_pytorch.py')
+def load_benchmark_script(name):
+  """benchmarks/NAME.py as a module (the folder is not a package)."""
+  spec = importlib.util.spec_from_file_location(name, ROOT / 'benchmarks' / f'{name}.py')
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def load_versus_pytorch():
+  return load_benchmark_script('versus_pytorch')
 
 
 def fake_python(tmp_path, body):
@@ -297,11 +301,7 @@ def test_versus_pytorch_alternates_and_summarises(tmp_path, capsys, monkeypatch)
 
 
 def load_convolutions():
-  spec = importlib.util.spec_from_file_location('convolutions',
-                                                ROOT / 'benchmarks' / 'convolutions.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_benchmark_script('convolutions')
 
 
 def convolution_rows(framework, times):
