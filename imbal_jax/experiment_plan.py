@@ -146,7 +146,8 @@ def parse_overrides(texts: Sequence[str], bases: dict[str, Any]) -> dict[str, di
   """['num_epochs=5', 'stage2.num_epochs=2'] -> {'stage1': {...}, 'stage2': {...}}.
 
   A plain FIELD applies to both stages (data and encoder fields only to stage 1:
-  stage 2 inherits them); stage1.FIELD / stage2.FIELD to one.
+  stage 2 inherits them; `loss` only to stage 1: stage 2 trains with cross-entropy);
+  stage1.FIELD / stage2.FIELD to one.
   """
   parsed = {stage: {} for stage in STAGES}
   for text in texts:
@@ -168,6 +169,8 @@ def parse_overrides(texts: Sequence[str], bases: dict[str, Any]) -> dict[str, di
       if stages == ('stage2',):
         raise ExperimentError(f'{what}: stage 2 inherits {field} from stage 1; override it '
                               f'for both with --override={field}={value}.')
+      stages = ('stage1',)
+    if field == 'loss' and stages == STAGES:  # stage 2 trains its head with cross-entropy
       stages = ('stage1',)
     targets = [s for s in stages if field in bases[s]]
     for s in targets:

@@ -234,6 +234,7 @@ def test_failed_run_is_reported_and_the_others_go_on(trained, tmp_path, monkeypa
     # 'none' is None only where None can be meant; a number field must have a number.
     ('digits_lt', 2, METHODS, ['num_epochs=none'], 'config.num_epochs=None: give it an int value (default 30)'),
     ('digits_lt', 2, METHODS, ['frequency_groups=none'], "config.frequency_groups='none': use"),
+    ('digits_lt', 2, METHODS, ['stage2.loss=focal'], 'stage 2 trains its head with cross-entropy'),
 ])
 def test_bad_input_is_one_config_error(tmp_path, monkeypatch, preset, seeds, methods, overrides,
                                        message):
@@ -255,6 +256,15 @@ def test_none_is_a_value_of_text_fields(tmp_path):
        for stage in ('stage1', 'stage2')})
   assert parsed['stage1'] == {'augment': 'none', 'imbalance_ratio': None}
   assert parsed['stage2'] == {'augment': 'none'}
+
+
+def test_a_plain_loss_override_is_stage1s():
+  bases = {stage: configuration.load_config_file(configuration.CONFIGS / f'{stage}.py',
+                                                 f'test_loss_{stage}').get_config('digits_lt')
+           for stage in ('stage1', 'stage2')}
+  parsed = experiment_plan.parse_overrides(['loss=focal', 'focal_gamma=1.0'], bases)
+  assert parsed['stage1'] == {'loss': 'focal', 'focal_gamma': 1.0}
+  assert parsed['stage2'] == {'focal_gamma': 1.0}  # unused by stage 2, and harmless
 
 
 def test_missing_data_stops_the_experiment_at_its_first_run(tmp_path):
