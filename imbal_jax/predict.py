@@ -40,6 +40,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from imbal_jax import atomic, checkpoint, classifiers, sharding, steps
+from imbal_jax import workdir as workdir_lib
 from imbal_jax.data.inference_inputs import Inputs, PredictError, read_inputs
 from imbal_jax.data.sources import DataError
 from imbal_jax.models import Stage1Net, make_encoder
@@ -277,11 +278,8 @@ def predict(workdir: str | pathlib.Path, input_path: str | pathlib.Path,
   for note in inputs.notes:
     print(f'note: {note}')
   predictions = run(model, inputs, batch_size)
-  if keep_earlier and output.is_file():
-    index = 1
-    while output.with_name(f'{output.stem}.{index}{output.suffix}').exists():
-      index += 1
-    kept = output.rename(output.with_name(f'{output.stem}.{index}{output.suffix}'))
+  kept = workdir_lib.keep_previous(output) if keep_earlier else None
+  if kept is not None:
     print(f'note: the earlier {output.name} is kept as {kept.name}.')
   path = write_predictions(output, predictions, model.class_names)
   failures = [s for s in predictions.status if s != 'ok']

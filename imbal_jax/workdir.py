@@ -102,18 +102,19 @@ def check_config(workdir: pathlib.Path, config: dict, force: bool,
                and not (k not in saved and k in defaults and config.get(k) == defaults[k])}
   if not differing:
     return
+  def listed(fields):
+    return '\n'.join(f'  {k}: {old!r} in the workdir, {new!r} now'
+                     for k, (old, new) in fields.items())
+
   stuck = {k: v for k, v in differing.items() if k in fixed}
   if force and stuck:
-    lines = '\n'.join(f'  {k}: {old!r} in the workdir, {new!r} now'
-                      for k, (old, new) in stuck.items())
     raise WorkdirError(
         f'{workdir} holds a run with a different config, and --force cannot change these '
-        f'fields, which its saved splits or checkpoints were made with:\n{lines}\n'
+        f'fields, which its saved splits or checkpoints were made with:\n{listed(stuck)}\n'
         'Start a fresh --workdir for them.')
   if force:
     return
-  lines = '\n'.join(f'  {k}: {old!r} in the workdir, {new!r} now'
-                    for k, (old, new) in differing.items())
+  lines = listed(differing)
   raise WorkdirError(
       f'{workdir} holds a run with a different config:\n{lines}\n'
       'Use a new --workdir to start fresh, or pass --force to continue this run with the new '
@@ -135,17 +136,19 @@ def truncate_log(path: pathlib.Path, last_step: int) -> None:
   atomic.write_text(path, ''.join(line + '\n' for line in kept))
 
 
-def keep_previous_report(workdir: pathlib.Path) -> pathlib.Path | None:
-  """Renames an existing report.json to report.N.json (first free N)."""
-  report = workdir / 'report.json'
-  if not report.is_file():
+def keep_previous(path: pathlib.Path) -> pathlib.Path | None:
+  """Renames an existing file NAME.EXT to NAME.N.EXT (first free N); returns the new path."""
+  if not path.is_file():
     return None
   index = 1
-  while (workdir / f'report.{index}.json').exists():
+  while path.with_name(f'{path.stem}.{index}{path.suffix}').exists():
     index += 1
-  target = workdir / f'report.{index}.json'
-  report.rename(target)
-  return target
+  return path.rename(path.with_name(f'{path.stem}.{index}{path.suffix}'))
+
+
+def keep_previous_report(workdir: pathlib.Path) -> pathlib.Path | None:
+  """Renames an existing report.json to report.N.json (first free N)."""
+  return keep_previous(workdir / 'report.json')
 
 
 class StopRequest:

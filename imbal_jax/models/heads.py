@@ -39,9 +39,8 @@ class ProjectionHead(nn.Module):
 
   @nn.compact
   def __call__(self, features):
-    dense = lambda size, name: nn.Dense(size, dtype=self.dtype, param_dtype=jnp.float32,
-                                        name=name)
-    x = nn.relu(dense(self.hidden_dim, 'hidden')(features))
+    x = nn.relu(nn.Dense(self.hidden_dim, dtype=self.dtype, param_dtype=jnp.float32,
+                         name='hidden')(features))
     # The embedding in float32: bfloat16 keeps under 3 significant digits, and the
     # contrastive loss divides similarities by its temperature (0.1).
     x = nn.Dense(self.output_dim, dtype=jnp.float32, param_dtype=jnp.float32,
