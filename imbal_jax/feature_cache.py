@@ -77,8 +77,9 @@ class FeatureBatches:
     indices = self.batches.indices(step)
     # Drawn for the global batch, then sliced, so every process agrees.
     views = np.random.default_rng([self.seed, step]).integers(len(self.table), size=len(indices))
-    per_process = len(indices) // jax.process_count()
-    local = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
+    # The process index comes from `batches` (read when it was made), never from jax
+    # here: this may run in a grain worker process (see pipeline.TrainBatches).
+    local = self.batches.local_slice(len(indices))
     return {'feature': self.table[views[local], indices[local]],
             'label': self.batches.split.labels[indices[local]]}
 

@@ -3,6 +3,7 @@
 import importlib.machinery
 import importlib.util
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -279,6 +280,38 @@ def test_worker_processes_deliver_the_same_batches_whatever_their_number():
       np.testing.assert_array_equal(batch['image'][:, 0, 0, 0], batches.indices(step))
       np.testing.assert_array_equal(batch['label'], labels[batches.indices(step)])
     iterator.close()
+
+
+def test_worker_processes_deliver_this_process_slice_of_the_global_batch(monkeypatch):
+  from imbal_jax import feature_cache
+  labels = np.repeat(np.arange(3), [20, 7, 3]).astype(np.int32)
+  split = sources.Split(np.arange(30, dtype=np.uint8).reshape(30, 1, 1, 1), labels)
+  # Process 1 of 2, as jax.distributed.initialize makes it in the main process only:
+  # grain's spawned workers never see it, so the batches must carry it to them.
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(jax, 'process_index', lambda: 1)
+  batches = pipeline.TrainBatches(split, 3, batch_size=8, sampler='sqrt', seed=1, num_epochs=2)
+  table = np.arange(2 * 30, dtype=np.float32).reshape(2, 30, 1)
+  features = feature_cache.FeatureBatches(batches, table, seed=0)
+  for source in (batches, features):
+    for workers in (0, 1):
+      iterator = pipeline.train_iterator(source, num_workers=workers)
+      for step in range(batches.total_steps):
+        batch = next(iterator)
+        second_half = batches.indices(step)[4:]
+        np.testing.assert_array_equal(batch['label'], labels[second_half])
+        if source is batches:
+          np.testing.assert_array_equal(batch['image'][:, 0, 0, 0], second_half)
+        else:
+          np.testing.assert_array_equal(batch['feature'][:, 0] % 30, second_half)
+      iterator.close()
+
+
+def test_train_batches_refuse_a_process_index_outside_the_count():
+  split = sources.Split(np.zeros((4, 1, 1, 1), np.uint8), np.zeros(4, np.int32))
+  with pytest.raises(ValueError, match='process_index=2'):
+    pipeline.TrainBatches(split, 1, batch_size=4, sampler='instance', seed=0, num_epochs=1,
+                          process_index=2, process_count=2)
 
 
 def test_train_batches_are_right_when_threads_cross_epoch_boundaries():

@@ -28,7 +28,8 @@ class TrainBatches:
   """Global-batch index stream for one training run."""
 
   def __init__(self, split: Split, num_classes: int, batch_size: int, sampler: str, seed: int,
-               num_epochs: int, pairs: bool = False):
+               num_epochs: int, pairs: bool = False, process_index: int | None = None,
+               process_count: int | None = None):
     if len(split) == 0:
       raise ValueError('the training split is empty.')
     self.split = split
@@ -38,6 +39,14 @@ class TrainBatches:
     self.seed = seed
     self.num_epochs = num_epochs
     self.pairs = pairs  # see samplers: every class in a batch at least twice
+    # Read here, not in local_batch: grain's worker processes (config.data_workers) run
+    # local_batch on a pickled copy, in a process where jax.distributed was never
+    # initialised and jax would report one process of index 0.
+    self.process_index = jax.process_index() if process_index is None else process_index
+    self.process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= self.process_index < self.process_count:
+      raise ValueError(f'process_index={self.process_index} is not one of the '
+                       f'{self.process_count} processes.')
     # Nothing is dropped: the last batch of an epoch is topped up by the sampler.
     self.steps_per_epoch = math.ceil(len(split) / batch_size)
     self.total_steps = self.steps_per_epoch * num_epochs
@@ -55,12 +64,18 @@ class TrainBatches:
       self._cache = (epoch, epoch_indices)
     return epoch_indices[offset * self.batch_size:(offset + 1) * self.batch_size]
 
+  def local_slice(self, global_rows: int) -> slice:
+    """This process's contiguous share of a global batch of `global_rows` rows."""
+    per_process = global_rows // self.process_count
+    return slice(self.process_index * per_process, (self.process_index + 1) * per_process)
+
+  def local_indices(self, step: int) -> np.ndarray:
+    """The example indices of this process's slice of the global batch at `step`."""
+    return self.indices(step)[self.local_slice(self.batch_size)]
+
   def local_batch(self, step: int) -> dict[str, np.ndarray]:
     """This process's slice of the global batch at `step`."""
-    indices = self.indices(step)
-    per_process = self.batch_size // jax.process_count()
-    start = jax.process_index() * per_process
-    local = indices[start:start + per_process]
+    local = self.local_indices(step)
     return {'image': self.split.take(local), 'label': self.split.labels[local]}
 
 
