@@ -153,6 +153,10 @@ def check_images_read(got, good, bad, skip, message):
     for path in named:
       assert path in message, (path, message)
     return
+  if bad and not good:  # skip_corrupt, but nothing readable is left: refused
+    assert message is not None and message.startswith(
+        f'none of the {len(bad)} image(s) can be read'), message
+    return
   assert message is None, message
   skipped = [n for n in got.notes if n.startswith('skipped corrupt image: ')]
   assert len(skipped) == len(bad), (skipped, bad)

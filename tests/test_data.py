@@ -130,7 +130,7 @@ def test_protocol_subsamples_natural_data_by_count_rank():
 
 
 def test_protocol_rejects_class_too_small_to_split():
-  with pytest.raises(sources.DataError, match='class 2 has only 1 image'):
+  with pytest.raises(sources.DataError, match="class 'c2' has only 1 image"):
     sources.make_spec(make_source([50, 50, 1]), None, 0, 0, 0.1, 0.2)
 
 
@@ -212,11 +212,13 @@ def test_two_processes_read_disjoint_slices_that_cover_the_global_batch(monkeypa
   batches = pipeline.TrainBatches(split, 3, batch_size=8, sampler='instance', seed=0,
                                   num_epochs=2)
   monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  per_process = []
+  for process in range(2):
+    monkeypatch.setattr(jax, 'process_index', lambda p=process: p)
+    per_process.append(pipeline.TrainBatches(split, 3, batch_size=8, sampler='instance', seed=0,
+                                             num_epochs=2))
   for step in range(batches.total_steps):
-    parts = []
-    for process in range(2):
-      monkeypatch.setattr(jax, 'process_index', lambda p=process: p)
-      parts.append(batches.local_batch(step)['image'][:, 0, 0, 0])
+    parts = [b.local_batch(step)['image'][:, 0, 0, 0] for b in per_process]
     assert len(parts[0]) == len(parts[1]) == 4
     np.testing.assert_array_equal(np.concatenate(parts), batches.indices(step))
   eval_rows = []

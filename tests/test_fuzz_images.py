@@ -111,6 +111,10 @@ def test_folder_fuzz(tree, skip):
     offered = {(f, n): d for (f, n), d in tree.items()
                if os.path.splitext(n)[1].decode().lower() in imagefiles.IMAGE_SUFFIXES}
     classes = sorted({os.fsdecode(f) for f, _ in offered if f is not None})
+    # A folder of text files only would be a class lost without a word: refused.
+    if {f for f, _ in tree if f is not None} - {f for f, _ in offered}:
+      assert message is not None and 'but no image with a suffix' in message, message
+      return
     if any(f is None for f, _ in offered) or not classes:
       assert message is not None and message.startswith(f'{os.fsdecode(root)}: '), message
       return
@@ -259,6 +263,11 @@ def test_csv_list_random_text_fuzz(text, headed, skip):
     with csv_path.open(newline='', encoding='utf-8-sig') as handle:
       rows = list(csv.DictReader(handle))
     listed = {str(directory / r['path']) for r in rows}
+    if message is not None and message.startswith('none of the'):  # skip_corrupt, none read
+      first = re.search(r'the first: (.*): cannot decode image', message).group(1)
+      assert skip and message.startswith(f'none of the {len(rows)} image(s)'), message
+      assert first in listed, (first, listed)
+      return
     if message is not None:
       named = re.findall(r'^  (.*): cannot decode image', message, re.MULTILINE)
       assert message.startswith(f'{len(named)} image(s) cannot be read'), message
@@ -385,6 +394,30 @@ def test_sixteen_bit_png_keeps_its_top_eight_bits(tmp_path):
     np.testing.assert_array_equal(pixels[..., channel], values >> 8)
 
 
+# Guards against: 12-bit values in a 16-bit file (common for X-ray exports) keeping the top 8
+# of 16 bits, which left 16 grey levels: nearly black.
+@pytest.mark.parametrize('depth', [10, 12, 14])
+def test_sixteen_bit_png_of_fewer_bits_keeps_the_top_eight_it_uses(tmp_path, depth):
+  values = (np.arange(16, dtype=np.uint16).reshape(4, 4) * ((1 << depth) // 16) + 3)
+  path = tmp_path / 'xray.png'
+  Image.fromarray(values).save(path)
+  pixels = imagefiles.decode_image(path, 4)
+  expected = values >> (depth - 8)
+  assert expected.max() > 200  # the image's range, not 16 levels
+  for channel in range(3):
+    np.testing.assert_array_equal(pixels[..., channel], expected)
+
+
+def test_to_8_bits_matches_a_slow_reference():
+  rng = np.random.default_rng(0)
+  for top in (0, 1, 255, 256, 1023, 1024, 4095, 4096, 16383, 16384, 65535):
+    pixels = rng.integers(0, top + 1, size=(5, 5)).astype(np.uint16)
+    pixels.flat[0] = top
+    depth = next(d for d in (8, 10, 12, 14, 16) if top < 2 ** d)
+    expected = np.array([[v // 2 ** (depth - 8) for v in row] for row in pixels.tolist()])
+    np.testing.assert_array_equal(imagefiles.to_8_bits(pixels), expected)
+
+
 # Guards against: images between 1x and 2x Image.MAX_IMAGE_PIXELS decoding in full (PIL only
 # warns there: a 641 KB PNG claiming 13000x13000 RGBA took 1.3 GB and 6 s per decode thread).
 @pytest.mark.filterwarnings('ignore::PIL.Image.DecompressionBombWarning')
@@ -481,6 +514,22 @@ def test_csv_empty_path_is_refused_with_its_line(tmp_path):
   path = write(tmp_path / 'list.csv', b'path,label\nimg/0.png,a\n,b\n')
   with pytest.raises(DataError, match=re.escape(str(path)) + '.*line 3'):
     readers.csv_list(cfg(data_path=str(path)))
+
+
+# Guards against: predict's folder input not following symlinked sub-folders, its images
+# vanishing from the predictions without a note (the training reader follows them).
+def test_predict_folder_input_follows_symlinked_folders(tmp_path):
+  from imbal_jax.data import inference_inputs
+  write_tree(os.fsencode(str(tmp_path / 'data')), {
+      (b'a', b'0.png'): encode_image(PALETTE[0], (3, 3), 'RGB', 'PNG')})
+  write_tree(os.fsencode(str(tmp_path / 'elsewhere')), {
+      (b'b', b'1.png'): encode_image(PALETTE[1], (3, 3), 'RGB', 'PNG'),
+      (b'b', b'2.png'): encode_image(PALETTE[2], (3, 3), 'RGB', 'PNG')})
+  os.symlink(tmp_path / 'elsewhere' / 'b', tmp_path / 'data' / 'b')
+  os.symlink(tmp_path / 'data', tmp_path / 'data' / 'b' / 'loop')  # followed once
+  inputs = inference_inputs._folder_inputs(tmp_path / 'data', (3, 3, 3))
+  assert [os.path.relpath(n, tmp_path / 'data') for n in inputs.names] == [
+      'a/0.png', 'b/1.png', 'b/2.png']
 
 
 # Guards against: a symlinked class folder not being descended into (Path.rglob before Python

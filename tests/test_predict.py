@@ -154,7 +154,7 @@ def test_folder_of_images_reports_unreadable_files_by_name(root, digits_test, tm
   (folder / 'notes.txt').write_text('not an image')
   predictions, path, _ = predict.predict(root / 'stage1', folder, tmp_path / 'folder.csv')
   out = capsys.readouterr().out
-  assert 'ignored 1 file(s) without an image suffix: notes.txt' in out
+  assert 'left out 1 file(s) without an image suffix' in out and 'notes.txt' in out
   assert 'Predicted 6 of 7 input(s); 1 failed' in out and 'corrupt.png' in out
 
   rows = {row['input']: row for row in read_rows(path)}
@@ -220,6 +220,13 @@ def test_bad_workdirs_inputs_and_batch_sizes(root, tmp_path):
   cases.append((tmp_path / 'labels_only.npz', r'no `images` array'))
   np.savez(tmp_path / 'floats.npz', images=np.zeros((2, 8, 8), np.float32))
   cases.append((tmp_path / 'floats.npz', 'must be uint8'))
+  # A damaged deflate stream raises zlib.error, which is not an OSError.
+  np.savez_compressed(tmp_path / 'damaged.npz', images=np.random.default_rng(0).integers(
+      0, 256, (20, 8, 8), dtype=np.uint8))
+  damaged = bytearray((tmp_path / 'damaged.npz').read_bytes())
+  damaged[60:64] = b'\xff\xff\xff\xff'
+  (tmp_path / 'damaged.npz').write_bytes(bytes(damaged))
+  cases.append((tmp_path / 'damaged.npz', r'damaged.npz: cannot read images .*decompressing'))
   (tmp_path / 'nopath.csv').write_text('file\na.png\n')
   cases.append((tmp_path / 'nopath.csv', r'no `path` column'))
   for input_path, message in cases:

@@ -154,7 +154,8 @@ def test_folder_corrupt_image_named_or_skipped_and_counted(tmp_path):
     readers.folder(cfg(data_path=str(tmp_path / 'data'), image_size=6))
   source = readers.folder(cfg(data_path=str(tmp_path / 'data'), image_size=6, skip_corrupt=True))
   assert len(source.parts['train']) == 9
-  assert len(source.notes) == 1 and 'broken.jpg' in source.notes[0]
+  assert source.notes[0].startswith('left out 1 file(s) without an image suffix')
+  assert len(source.notes) == 2 and 'broken.jpg' in source.notes[1]
 
 
 def test_folder_layout_errors(tmp_path):
@@ -167,6 +168,36 @@ def test_folder_layout_errors(tmp_path):
   make_folder_tree(tmp_path / 'data')
   with pytest.raises(DataError, match='config.image_size must be set'):
     readers.folder(cfg(data_path=str(tmp_path / 'data')))
+
+
+def test_folder_names_files_it_leaves_out_and_refuses_a_class_of_no_images(tmp_path):
+  make_folder_tree(tmp_path / 'data')
+  (tmp_path / 'data' / 'ulcer' / 'scan.dcm').write_bytes(b'DICM')
+  (tmp_path / 'data' / 'readme.txt').write_text('about the data')
+  source = readers.folder(cfg(data_path=str(tmp_path / 'data'), image_size=4))
+  assert len(source.parts['train']) == 9
+  [note] = source.notes
+  assert note.startswith('left out 3 file(s) without an image suffix')
+  assert all(name in note for name in ('readme.txt', 'ulcer/notes.txt', 'ulcer/scan.dcm'))
+  # A folder of DICOM files only would have been a class lost without a word.
+  (tmp_path / 'data' / 'rare').mkdir()
+  (tmp_path / 'data' / 'rare' / 'a.dcm').write_bytes(b'DICM')
+  (tmp_path / 'data' / 'rare' / '.DS_Store').write_bytes(b'')
+  with pytest.raises(DataError, match=r'data/rare: holds files \(.DS_Store, .dcm\) but no image'):
+    readers.folder(cfg(data_path=str(tmp_path / 'data'), image_size=4))
+
+
+def test_csv_rows_with_more_cells_than_the_header_are_refused_by_line(tmp_path):
+  for i in range(3):
+    write_png(tmp_path / 'img' / f'{i}.png', (i * 50, 0, 0))
+  (tmp_path / 'list.csv').write_text('path,label\nimg/0.png,a\nimg/1.png,b,extra\n'
+                                     'img/2.png,a\n')
+  with pytest.raises(DataError, match=r'list.csv: line 3 has more cells than the header'):
+    readers.csv_list(cfg(data_path=str(tmp_path / 'list.csv'), image_size=4))
+  (tmp_path / 'gt.csv').write_text('image,MEL,NV\n0,1,0\n1,0,1,1\n')
+  with pytest.raises(DataError, match=r'gt.csv: line 3 has more cells'):
+    readers.isic(cfg(data_path=str(tmp_path / 'img'), labels_csv=str(tmp_path / 'gt.csv'),
+                     image_size=4))
 
 
 def test_csv_of_paths_and_labels(tmp_path):
@@ -208,6 +239,38 @@ def test_isic_ground_truth_csv(tmp_path):
                      image_size=4))
 
 
+def test_skip_corrupt_refuses_a_data_set_of_no_readable_images(tmp_path):
+  for i in range(3):
+    (tmp_path / 'data' / ('a' if i else 'b')).mkdir(parents=True, exist_ok=True)
+    (tmp_path / 'data' / ('a' if i else 'b') / f'{i}.png').write_bytes(b'not a png')
+  for reader_call in (
+      lambda: readers.folder(cfg(data_path=str(tmp_path / 'data'), image_size=4,
+                                 skip_corrupt=True)),
+      lambda: prepare.prepare('folder', str(tmp_path / 'data'), str(tmp_path / 'cache'),
+                              image_size=4, skip_corrupt=True)):
+    with pytest.raises(DataError, match=r'none of the 3 image\(s\) can be read.*data/a/1.png'):
+      reader_call()
+  assert not (tmp_path / 'cache' / 'meta.json').exists()
+
+
+def test_a_class_too_small_to_split_is_refused_by_name_before_decoding(tmp_path, monkeypatch):
+  from imbal_jax.data import imagefiles
+  make_folder_tree(tmp_path / 'data')
+  write_png(tmp_path / 'data' / 'rare' / 'r0.png', (9, 9, 9))
+  decoded = []
+  original = imagefiles.decode_image
+  monkeypatch.setattr(imagefiles, 'decode_image', lambda *a: decoded.append(a) or original(*a))
+  training = cfg(data_path=str(tmp_path / 'data'), image_size=4, seed=0, split_seed=0,
+                 val_fraction=0.1, test_fraction=0.2)
+  with pytest.raises(DataError, match=r"class 'rare' has only 1 image\(s\) left: too few to "
+                                      'split off a test split'):
+    readers.folder(training)
+  assert not decoded
+  # prepare does not split (the training run's config does), so it reads the folder.
+  readers.folder(cfg(data_path=str(tmp_path / 'data'), image_size=4))
+  assert len(decoded) == 10
+
+
 def test_prepare_writes_a_cache_that_reads_back_identically(tmp_path):
   make_folder_tree(tmp_path / 'data')
   meta = prepare.prepare('folder', str(tmp_path / 'data'), str(tmp_path / 'cache'), image_size=5)
@@ -233,6 +296,7 @@ def test_prepare_writes_a_cache_that_reads_back_identically(tmp_path):
     (lambda d: np.save(d / 'parts.npy', np.zeros(4, np.int8)), r'do not describe the same images'),
     (lambda d: np.save(d / 'labels.npy', np.full(9, 3)), r'labels.npy holds values outside 0..2'),
     (lambda d: np.save(d / 'parts.npy', np.full(9, -1)), r'parts.npy holds values outside 0..2'),
+    (lambda d: np.save(d / 'parts.npy', np.full(9, 2, np.int8)), r'holds no training images'),
 ])
 def test_a_damaged_prepared_cache_is_refused_by_name(tmp_path, damage, message):
   make_folder_tree(tmp_path / 'data')

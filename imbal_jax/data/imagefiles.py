@@ -28,8 +28,8 @@ def decode_image(path: pathlib.Path, image_size: int) -> np.ndarray:
       if limit and image.width * image.height > limit:  # PIL only warns up to 2x its limit
         raise DataError(f'{path}: {image.width}x{image.height} pixels is over the decoding limit '
                         f'of {limit} (PIL.Image.MAX_IMAGE_PIXELS); downscale the file first.')
-      if image.mode.startswith('I;16'):  # 16-bit grey: keep the top 8 bits (convert clips)
-        image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
+      if image.mode.startswith('I;16'):  # 16-bit grey (convert would clip at 255)
+        image = Image.fromarray(to_8_bits(np.asarray(image)))
       elif image.mode in ('I', 'F'):
         raise DataError(f'{path}: 32-bit ({image.mode}) images are not supported; convert the '
                         'file to 8 or 16 bits.')
@@ -47,6 +47,20 @@ def decode_image(path: pathlib.Path, image_size: int) -> np.ndarray:
     raise DataError(f'{path}: cannot decode image ({type(error).__name__}: {error}).') from None
 
 
+def to_8_bits(pixels: np.ndarray) -> np.ndarray:
+  """16-bit grey pixels as uint8: the top 8 of the bits the image uses.
+
+  Medical exports often store 10-, 12- or 14-bit values in 16-bit files; keeping
+  the top 8 of 16 bits would leave a 12-bit image 16 grey levels. The depth is
+  the smallest of 8, 10, 12, 14 and 16 bits that holds the image's largest value.
+  """
+  pixels = pixels.astype(np.uint32)
+  depth = 8
+  while depth < 16 and pixels.max(initial=0) >= 1 << depth:
+    depth += 2
+  return (pixels >> (depth - 8)).astype(np.uint8)
+
+
 def _unreadable_error(failed) -> DataError:
   """One error naming the images of `failed` [(index, message)], the first ten shown."""
   shown = '\n  '.join(message for _, message in failed[:10])
@@ -54,6 +68,11 @@ def _unreadable_error(failed) -> DataError:
   return DataError(f'{len(failed)} image(s) cannot be read:\n  {shown}{more}\nFix or remove '
                    'them, or set config.skip_corrupt=True to leave them out (they are then '
                    'counted in the log and report).')
+
+
+def _none_readable(failed) -> DataError:
+  return DataError(f'none of the {len(failed)} image(s) can be read, so nothing is left to '
+                   f'train on; the first: {failed[0][1]}')
 
 
 def decode_all(paths, image_size: int, skip_corrupt: bool = False, workers: int | None = None):
@@ -72,6 +91,8 @@ def decode_all(paths, image_size: int, skip_corrupt: bool = False, workers: int 
              for i, path in enumerate(paths) if not path.is_file()]
   if missing and not skip_corrupt:
     raise _unreadable_error(missing)
+  if paths and len(missing) == len(paths):
+    raise _none_readable(missing)
   images = np.zeros((len(paths), image_size, image_size, 3), np.uint8)
   failed = []
   workers = workers or min(8, os.cpu_count() or 1)
@@ -90,6 +111,8 @@ def decode_all(paths, image_size: int, skip_corrupt: bool = False, workers: int 
         failed.append(result)
   if failed and not skip_corrupt:
     raise _unreadable_error(failed)
+  if paths and len(failed) == len(paths):  # skip_corrupt must not leave no image at all
+    raise _none_readable(failed)
   bad = {i for i, _ in failed}
   kept = np.asarray([i for i in range(len(paths)) if i not in bad], np.int64)
   notes = tuple(f'skipped corrupt image: {message}' for _, message in failed)
@@ -97,25 +120,65 @@ def decode_all(paths, image_size: int, skip_corrupt: bool = False, workers: int 
   return (images if len(kept) == len(paths) else images[kept]), kept, notes
 
 
-def scan_class_folders(root: pathlib.Path):
-  """(paths, labels, class names): every folder that directly holds images is a class.
+def walk_files(root: pathlib.Path):
+  """Every file below `root`, in sorted order; symlinked folders are followed, each once.
 
-  Class names are folder names, or paths relative to `root` where two folders
-  share a name (nested layouts such as Hyper-Kvasir's).
+  (os.walk with followlinks: Path.rglob does not follow symlinked folders before
+  Python 3.13; `seen` stops loops.)
   """
-  by_folder: dict[pathlib.Path, list[pathlib.Path]] = {}
   seen = set()
-  # os.walk follows symlinked class folders (Path.rglob does not before 3.13); `seen` stops loops.
   for directory, subdirectories, files in os.walk(root, followlinks=True):
     real = os.path.realpath(directory)
     if real in seen:
       subdirectories[:] = []
       continue
     seen.add(real)
-    for name in files:
+    subdirectories.sort()
+    for name in sorted(files):
       path = pathlib.Path(directory) / name
-      if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
-        by_folder.setdefault(path.parent, []).append(path)
+      if path.is_file():
+        yield path
+
+
+def is_image_name(path: pathlib.Path) -> bool:
+  return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def non_image_note(root: pathlib.Path, others) -> tuple[str, ...]:
+  """A note naming the files below `root` that were left out for their suffix (none: ())."""
+  if not others:
+    return ()
+  shown = ', '.join(_printable(str(p.relative_to(root))) for p in others[:5])
+  return (f'left out {len(others)} file(s) without an image suffix '
+          f'({", ".join(sorted(IMAGE_SUFFIXES))}): {shown}{", ..." if len(others) > 5 else ""}',)
+
+
+def scan_class_folders(root: pathlib.Path):
+  """(paths, labels, class names, notes): every folder that directly holds images is a class.
+
+  Class names are folder names, or paths relative to `root` where two folders
+  share a name (nested layouts such as Hyper-Kvasir's). Files without an image
+  suffix are left out and named in the notes; a folder holding such files and no
+  image anywhere below it would be a class lost without a word, so it is refused.
+  """
+  by_folder: dict[pathlib.Path, list[pathlib.Path]] = {}
+  others = []
+  for path in walk_files(root):
+    if is_image_name(path):
+      by_folder.setdefault(path.parent, []).append(path)
+    else:
+      others.append(path)
+  holding_images = {root} | {a for folder in by_folder for a in (folder, *folder.parents)}
+  imageless = sorted({p.parent for p in others
+                      if p.parent not in holding_images and not p.name.startswith('.')})
+  if imageless:
+    folder = imageless[0]
+    found = sorted({p.suffix.lower() or p.name for p in others if p.parent == folder})
+    more = f' ({len(imageless)} such folders.)' if len(imageless) > 1 else ''
+    raise DataError(f'{_printable(str(folder))}: holds files ({", ".join(found)}) but no image '
+                    f'with a suffix the reader takes ({", ".join(sorted(IMAGE_SUFFIXES))}), so '
+                    'it would not be a class; convert its images (e.g. to PNG) or move the '
+                    f'folder out of the data folder.{more}')
   by_folder = {folder: sorted(paths) for folder, paths in by_folder.items()}
   if root in by_folder:
     raise DataError(f'{root}: images lie directly in the data folder; put each class in its own '
@@ -132,7 +195,7 @@ def scan_class_folders(root: pathlib.Path):
   for label, folder in enumerate(folders):
     paths += by_folder[folder]
     labels += [label] * len(by_folder[folder])
-  return paths, labels, class_names
+  return paths, labels, class_names, non_image_note(root, others)
 
 
 def _printable(name: str) -> str:
@@ -151,6 +214,9 @@ def _read_csv_rows(csv_path: pathlib.Path, required: list[str]):
         if None in row.values():
           raise DataError(f'{csv_path}: line {reader.line_num} has fewer cells than the header '
                           f'{columns}.')
+        if None in row:  # DictReader's key for cells beyond the header's
+          raise DataError(f'{csv_path}: line {reader.line_num} has more cells than the header '
+                          f'{columns} (extra: {row[None]}); quote a value that holds a comma.')
         rows.append(row)
         lines.append(reader.line_num)
   except (OSError, UnicodeDecodeError, csv.Error) as error:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import pathlib
-import zipfile
 from typing import Callable
 
 import numpy as np
 from PIL import Image
 
-from imbal_jax.data.imagefiles import IMAGE_SUFFIXES, decode_image
+from imbal_jax.data.imagefiles import (IMAGE_SUFFIXES, decode_image, is_image_name,
+                                       non_image_note, walk_files)
 from imbal_jax.data.sources import DataError
 
 # ITU-R BT.601 luma, the weights PIL's convert('L') uses.
@@ -58,17 +58,14 @@ def _read_file(path: pathlib.Path, image_shape) -> np.ndarray:
 
 
 def _folder_inputs(root: pathlib.Path, image_shape) -> Inputs:
-  files = sorted(p for p in root.rglob('*') if p.is_file())
-  images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+  # Listed as the training reader lists folders (symlinked sub-folders followed).
+  files = list(walk_files(root))
+  images = [p for p in files if is_image_name(p)]
   if not images:
     raise PredictError(f'--input={root} holds no image files ({", ".join(sorted(IMAGE_SUFFIXES))})'
                        ' in it or its sub-folders.')
-  others = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
-  notes = ()
-  if others:  # said, not silently skipped: a .dcm or .jp2 may be meant as an image
-    shown = ', '.join(str(p.relative_to(root)) for p in others[:5])
-    notes = (f'ignored {len(others)} file(s) without an image suffix: {shown}'
-              f'{", ..." if len(others) > 5 else ""}',)
+  # Said, not silently skipped: a .dcm or .jp2 may be meant as an image.
+  notes = non_image_note(root, [p for p in files if not is_image_name(p)])
   return Inputs([str(p) for p in images], lambda i: _read_file(images[i], image_shape), notes)
 
 
@@ -112,15 +109,16 @@ def _npz_key(npz_path: pathlib.Path, keys: list[str]) -> tuple[str, tuple[str, .
 
 
 def _npz_inputs(npz_path: pathlib.Path, image_shape) -> Inputs:
+  # Any exception: a damaged archive raises zlib.error, EOFError and others besides these.
   try:
     archive = np.load(npz_path, allow_pickle=False)
-  except (OSError, ValueError, zipfile.BadZipFile) as error:
+  except Exception as error:  # noqa: BLE001
     raise PredictError(f'--input={npz_path}: cannot read it as a .npz ({error}).') from None
   with archive:
     key, notes = _npz_key(npz_path, list(archive.files))
     try:
       images = archive[key]
-    except (OSError, ValueError, zipfile.BadZipFile) as error:
+    except Exception as error:  # noqa: BLE001
       raise PredictError(f'--input={npz_path}: cannot read {key} ({error}).') from None
   where = f'{npz_path.name}[{key}]'
   if images.dtype != np.uint8:

@@ -17,7 +17,7 @@ import zlib
 
 import numpy as np
 
-from imbal_jax.data import imagefiles, longtail
+from imbal_jax.data import imagefiles, longtail, sources
 from imbal_jax.data.sources import DataError, Source, Split
 
 # Published MD5 sums of official MedMNIST (v3, zenodo record 10519652) files, from
@@ -268,9 +268,12 @@ def idx(config) -> Source:
   return Source(directory.name, class_names, parts, balanced=True)
 
 
-def _image_source(config, name: str, paths, labels, class_names, groups=None) -> Source:
-  images, kept, notes = imagefiles.decode_all(paths, config.image_size,
-                                              skip_corrupt=config.skip_corrupt)
+def _image_source(config, name: str, paths, labels, class_names, groups=None,
+                  notes=()) -> Source:
+  sources.check_splits_before_decoding(config, labels, class_names, groups)
+  images, kept, decode_notes = imagefiles.decode_all(paths, config.image_size,
+                                                     skip_corrupt=config.skip_corrupt)
+  notes = tuple(notes) + decode_notes
   labels = np.asarray(labels, np.int32)[kept]
   return Source(name, tuple(class_names), {'train': Split(images, labels)}, notes=notes,
                 groups=None if groups is None else np.asarray(groups)[kept])
@@ -279,8 +282,8 @@ def _image_source(config, name: str, paths, labels, class_names, groups=None) ->
 def folder(config) -> Source:
   """One sub-folder per class (ImageFolder; nested folders as in Hyper-Kvasir)."""
   root = _require(config.data_path, 'data_path', 'a folder with one sub-folder per class')
-  paths, labels, class_names = imagefiles.scan_class_folders(root)
-  return _image_source(config, root.name, paths, labels, class_names)
+  paths, labels, class_names, notes = imagefiles.scan_class_folders(root)
+  return _image_source(config, root.name, paths, labels, class_names, notes=notes)
 
 
 def csv_list(config) -> Source:
@@ -335,6 +338,8 @@ def prepared(config) -> Source:
       raise DataError(damaged.format(f'{array}.npy holds values outside 0..{limit - 1}'))
   splits = {part: Split(images, labels[parts == code], np.flatnonzero(parts == code))
             for code, part in enumerate(('train', 'val', 'test')) if np.any(parts == code)}
+  if 'train' not in splits:
+    raise DataError(damaged.format('it holds no training images'))
   groups = None
   if (directory / 'groups.npy').is_file():  # written where prepare had --groups_csv
     groups = np.load(directory / 'groups.npy')

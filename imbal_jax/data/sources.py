@@ -119,16 +119,22 @@ class Dataset:
 
 
 def stratified_split(labels: np.ndarray, num_classes: int, fraction: float, seed: int,
-                     what: str, groups: np.ndarray | None = None
+                     what: str, groups: np.ndarray | None = None,
+                     class_names: tuple[str, ...] | None = None
                      ) -> tuple[np.ndarray, np.ndarray]:
   """(held_out, rest): `fraction` of each class (at least one image), seeded.
 
   With `groups` (one id per image), whole groups are held out, class by class, until
-  the class's share is reached: a group's images never straddle the two.
+  the class's share is reached: a group's images never straddle the two. `class_names`
+  only names the classes in errors.
   """
   rng = np.random.default_rng(seed)
+
+  def name(c):
+    return f'class {c}' if class_names is None else f'class {class_names[c]!r}'
+
   if groups is not None:
-    return _grouped_split(labels, num_classes, fraction, rng, what, np.asarray(groups))
+    return _grouped_split(labels, num_classes, fraction, rng, what, np.asarray(groups), name)
   held = []
   for c in range(num_classes):
     members = np.flatnonzero(labels == c)
@@ -137,14 +143,14 @@ def stratified_split(labels: np.ndarray, num_classes: int, fraction: float, seed
     take = max(1, int(round(fraction * len(members))))
     if take >= len(members):
       raise DataError(
-          f'class {c} has only {len(members)} image(s): too few to split off a {what} '
+          f'{name(c)} has only {len(members)} image(s) left: too few to split off a {what} '
           f'split and keep some for training. Add images of that class or remove it.')
     held.append(rng.choice(members, size=take, replace=False))
   held = np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64)
   return held, np.setdiff1d(np.arange(len(labels)), held)
 
 
-def _grouped_split(labels, num_classes, fraction, rng, what, groups):
+def _grouped_split(labels, num_classes, fraction, rng, what, groups, name):
   ids, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
   group_labels = np.asarray(labels)[first]
   mixed = np.unique(inverse[labels != group_labels[inverse]])
@@ -164,9 +170,9 @@ def _grouped_split(labels, num_classes, fraction, rng, what, groups):
     count = int(np.searchsorted(np.cumsum(sizes[order]), target)) + 1
     if count >= len(members):
       raise DataError(
-          f'class {c} has only {len(members)} group(s) ({sizes[members].sum()} images): too '
-          f'few to split off a {what} split by group and keep some for training. Add images '
-          'of that class or remove it.')
+          f'{name(c)} has only {len(members)} group(s) ({sizes[members].sum()} images) left: '
+          f'too few to split off a {what} split by group and keep some for training. Add '
+          'images of that class or remove it.')
     held_groups.append(order[:count])
   held_groups = np.concatenate(held_groups) if held_groups else np.zeros(0, np.int64)
   held = np.flatnonzero(np.isin(inverse, held_groups))
@@ -190,7 +196,7 @@ def make_spec(source: Source, imbalance_ratio: float | None, seed: int, split_se
     else:
       held, rest = stratified_split(
           train_labels[pool], num_classes, fraction, split_seed * 1000 + salt, split,
-          None if source.groups is None else source.groups[pool])
+          None if source.groups is None else source.groups[pool], source.class_names)
       spec[split] = {'part': 'train', 'rows': pool[held]}
       pool = pool[rest]
   if imbalance_ratio is not None:
@@ -200,6 +206,26 @@ def make_spec(source: Source, imbalance_ratio: float | None, seed: int, split_se
     pool = pool[chosen]
   spec['train'] = {'part': 'train', 'rows': pool}
   return {split: spec[split] for split in SPLITS}
+
+
+def check_splits_before_decoding(config, labels, class_names, groups=None) -> None:
+  """The split checks of make_spec on the labels alone, for readers that decode image files.
+
+  Carving the val and test splits needs only the labels (and groups), so a class too
+  small to split is refused before minutes of decoding. Only where the run will carve
+  splits itself (a training config; `prepare` reads without one). A run resuming a
+  saved split passes too: its labels and split fields are those the split was made
+  with. The checks after decoding stay, since images left out as corrupt change the
+  counts.
+  """
+  if 'test_fraction' not in config:
+    return
+  labels = np.asarray(labels, np.int32)
+  placeholder = Split(np.zeros((len(labels), 0, 0, 0), np.uint8), labels)
+  source = Source('labels', tuple(class_names), {'train': placeholder},
+                  groups=None if groups is None else np.asarray(groups))
+  make_spec(source, None, config.get('seed', 0), config.get('split_seed', 0),
+            config.get('val_fraction', 0.1), config.test_fraction)
 
 
 def build(source: Source, spec: dict[str, dict[str, Any]]) -> Dataset:
