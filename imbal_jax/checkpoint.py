@@ -17,11 +17,13 @@ so restoring needs no pickled Python objects.
 from __future__ import annotations
 
 import errno
+import hashlib
 import pathlib
 from typing import Any
 
 import flax
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -129,6 +131,13 @@ class Checkpoints:
       return (flax.serialization.from_state_dict(state_like, restored['state']),
               restored['bookkeeping'])
     except Exception as error:  # orbax, tensorstore and JSON errors alike
+      # Readable, but not the state this config builds (orbax words it two ways).
+      if any(words in str(error) for words in ('structures do not match', 'Structure mismatch')):
+        raise CheckpointError(
+            f'the checkpoint {self._latest.directory}/{step} holds a train state shaped '
+            'otherwise than the one this config builds: a --force rerun changed a field that '
+            'shapes it (the model, or the optimizer). Rerun with the values in '
+            f'{self.root / "config.json"}, or start the stage in a new --workdir.') from error
       others = [s for s in self._latest.all_steps() if s != step]
       raise _unreadable(self._latest.directory, step, error, others) from error
 
@@ -141,9 +150,26 @@ class Checkpoints:
         return
       self._best.wait_until_finished()
       self._best.delete(step)
-    self._guarded(lambda: self._best.save(step, args=ocp.args.Composite(
+    saved = self._guarded(lambda: self._best.save(step, args=ocp.args.Composite(
         variables=ocp.args.StandardSave(variables), info=ocp.args.JsonSave(info))),
-                  f'the selected model of step {step}')
+                          f'the selected model of step {step}')
+    if not saved:  # orbax declines a step below the one it holds, without an error
+      raise CheckpointError(f'{self._best.directory} holds the selected model of step '
+                            f'{max(self._best.all_steps())}, after step {step}; it is not this '
+                            'run\'s. Start the stage again in a fresh --workdir.')
+
+  def discard_best_after(self, step: int) -> list[int]:
+    """Deletes selected models saved after `step` (the checkpoint a run resumes from).
+
+    They come from the interrupted run's later steps. A resumed run with the same
+    config selects them again (its steps repeat bit for bit); with another config
+    (--force), they are not this run's, and kept they would shadow its own selections.
+    """
+    self._best.wait_until_finished()
+    later = [s for s in self._best.all_steps() if s > step]
+    for later_step in later:
+      self._best.delete(later_step)
+    return later
 
   def restore_best(self, variables_like):
     """(variables, info) of the selected model."""
@@ -157,6 +183,19 @@ class Checkpoints:
   def close(self) -> None:
     self._latest.close()
     self._best.close()
+
+
+def variables_sha256(tree) -> str:
+  """SHA-256 of a tree of (replicated) arrays: its paths, dtypes, shapes and values.
+
+  Reads each array's first local copy, so it works where an array spans processes.
+  """
+  digest = hashlib.sha256()
+  for path, leaf in sorted(jax.tree.leaves_with_path(tree), key=lambda item: str(item[0])):
+    value = np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
+    digest.update(f'{jax.tree_util.keystr(path)}:{value.dtype.str}:{value.shape};'.encode())
+    digest.update(np.ascontiguousarray(value).tobytes())
+  return digest.hexdigest()
 
 
 def _finished_steps(directory) -> list[int]:

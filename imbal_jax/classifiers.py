@@ -163,7 +163,9 @@ def choose_tau(linear_for_tau: Callable[[float], tuple[np.ndarray, np.ndarray]],
     kernel, bias = linear_for_tau(tau)
     logits = val_features.astype(np.float64) @ kernel.astype(np.float64) + bias
     scores[tau] = float(score_fn(_softmax(logits)))
-  best = max(grid, key=lambda tau: (scores[tau], -tau))
+  # Rounded first: scores equal in exact arithmetic (a mean of per-class recalls summed
+  # in another order) can differ in the last bit, which must not break the tie.
+  best = max(grid, key=lambda tau: (round(scores[tau], 9), -tau))
   return best, scores
 
 

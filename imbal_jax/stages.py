@@ -178,6 +178,9 @@ def build_stage2(config, dataset: sources.Dataset, data_info, mesh, steps_per_ep
       extra_report={'init_from': str(stage1_dir),
                     'stage1_selected_step': stage1_info['step'],
                     'stage1_selected_score': stage1_info.get('score'),
+                    # Which stage-1 model this head was trained on (and a resumed stage 2
+                    # refuses another one: workdir.check_stage1_unchanged).
+                    'stage1_variables_sha256': checkpoint.variables_sha256(stage1_variables),
                     'stage1_config': stage1_config,
                     'stage2': {'method': method}})
   if method not in classifiers.TRAINED_METHODS:

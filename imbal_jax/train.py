@@ -25,8 +25,8 @@ import optax
 from tqdm import tqdm
 
 import imbal_jax
-from imbal_jax import (checkpoint, configuration, metrics, reporting, sharding, stages,
-                       steps)
+from imbal_jax import (checkpoint, classifiers, configuration, metrics, reporting, sharding,
+                       stages, steps)
 from imbal_jax import workdir as workdir_lib
 from imbal_jax.data import pipeline, sources
 
@@ -245,6 +245,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           f'{counts}')
     for note in dataset.notes:
       print(f'note: {note}')
+    if (config.stage == 'stage2' and config.stage2_method not in classifiers.TRAINED_METHODS
+        and (config.cache_features or config.feature_views > 1)):
+      print(f'note: config.cache_features and config.feature_views apply to the trained heads '
+            f'({", ".join(classifiers.TRAINED_METHODS)}); {config.stage2_method} computes the '
+            'frozen features it needs once either way, from images without augmentation.')
   batches = pipeline.TrainBatches(dataset.splits['train'], dataset.num_classes,
                                   config.batch_size, config.sampler, config.seed,
                                   config.num_epochs, pairs=config.batch_pairs)
@@ -255,7 +260,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     stage1_record = workdir_lib.check_stage1_unchanged(
         workdir, pathlib.Path(config.init_from),
         {'step': stage.extra_report['stage1_selected_step'],
-         'score': stage.extra_report.get('stage1_selected_score')})
+         'score': stage.extra_report.get('stage1_selected_score'),
+         'variables_sha256': stage.extra_report['stage1_variables_sha256']})
 
   if is_writer:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -276,6 +282,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       raise
     if is_writer:
       print(f'Resuming {config.stage} from step {int(state.step)} ({workdir / "checkpoints"}).')
+    if ckpt.discard_best_after(int(state.step)):
+      # The selection restarts from here: the steps up to the checkpoint scored below
+      # the discarded model (it was the best when saved), so a rerun with the same
+      # config selects what an uninterrupted run would have.
+      bookkeeping = {'best_score': -1.0, 'best_step': -1}
   start_step = int(state.step)
   nonfinite_at_start = int(state.nonfinite_steps)
   if stage.train_step is None:  # a closed-form stage 2: no steps, so no pipeline or workers
@@ -366,6 +377,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   variables, selected = ckpt.restore_best(stage.eval_variables(state))
   ckpt.close()
+  if stage.fit is None and selected['step'] != bookkeeping['best_step']:
+    raise checkpoint.CheckpointError(
+        f'{workdir / "best"} holds the model of step {selected["step"]}, but this run selected '
+        f'step {bookkeeping["best_step"]}; start the stage again in a fresh --workdir.')
   report = {
       'stage': config.stage,
       'dataset': dataset.name,

@@ -28,6 +28,16 @@ HARMLESS_FIELDS = {'log_every_steps', 'eval_batch_size', 'data_workers', 'checkp
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what schedulers expect from a terminated job
 
 
+# Fields whose change --force allows only where it keeps the shape of the saved train
+# state: SGD without momentum keeps no momentum buffer, so 0 against > 0 cannot resume.
+STRUCTURAL_FIELDS = {'momentum': lambda value: bool(value)}
+
+
+def _same_structure(field: str, old, new) -> bool:
+  kind = STRUCTURAL_FIELDS[field]
+  return old is None or new is None or kind(old) == kind(new)
+
+
 class WorkdirError(ValueError):
   """The workdir holds something this run must not overwrite or mix with."""
 
@@ -48,22 +58,32 @@ def check_stage1_unchanged(workdir: pathlib.Path, stage1_dir: pathlib.Path,
                            selected: dict) -> dict:
   """Refuses to continue a stage-2 run whose stage-1 run has selected another model since.
 
-  `selected` is the stage-1 model's step and score now; the stage-2 workdir keeps
-  what they were when it started (STAGE1_RECORD). Returns the record to keep.
+  `selected` is the stage-1 model's step, score and variables' SHA-256 now; the
+  stage-2 workdir keeps what they were when it started (STAGE1_RECORD). A stage 1
+  trained again can select the same step with the same score, so the variables
+  decide; records written before the hash was kept compare step and score. Returns
+  the record to keep.
   """
   record = {'init_from': str(stage1_dir), 'selected_step': selected.get('step'),
-            'selected_score': selected.get('score')}
+            'selected_score': selected.get('score'),
+            'selected_variables_sha256': selected.get('variables_sha256')}
   path = workdir / STAGE1_RECORD
   if path.is_file():
     saved = json.loads(path.read_text())
-    if (saved.get('selected_step'), saved.get('selected_score')) != (
-        record['selected_step'], record['selected_score']):
+    fields = ['selected_step', 'selected_score']
+    if saved.get('selected_variables_sha256'):
+      fields.append('selected_variables_sha256')
+    if any(saved.get(field) != record[field] for field in fields):
+      same_selection = all(saved.get(f) == record[f] for f in fields[:2])
+      what = (f'its selected model (step {record["selected_step"]}) holds other weights than '
+              'when this run started' if same_selection else
+              f'its selected model was step {saved.get("selected_step")} (score '
+              f'{saved.get("selected_score")}), now step {record["selected_step"]} (score '
+              f'{record["selected_score"]})')
       raise WorkdirError(
           f'the stage-1 run {stage1_dir} changed since the stage-2 run in {workdir} started: '
-          f'its selected model was step {saved.get("selected_step")} (score '
-          f'{saved.get("selected_score")}), now step {record["selected_step"]} (score '
-          f'{record["selected_score"]}). That run\'s head was trained on the old encoder; '
-          'start stage 2 in a fresh --workdir.')
+          f"{what}. That run's head was trained on the old encoder; start stage 2 in a "
+          'fresh --workdir.')
   return record
 
 
@@ -106,7 +126,8 @@ def check_config(workdir: pathlib.Path, config: dict, force: bool,
     return '\n'.join(f'  {k}: {old!r} in the workdir, {new!r} now'
                      for k, (old, new) in fields.items())
 
-  stuck = {k: v for k, v in differing.items() if k in fixed}
+  stuck = {k: v for k, v in differing.items()
+            if k in fixed or (k in STRUCTURAL_FIELDS and not _same_structure(k, *v))}
   if force and stuck:
     raise WorkdirError(
         f'{workdir} holds a run with a different config, and --force cannot change these '

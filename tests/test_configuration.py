@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import ROOT
@@ -70,13 +71,40 @@ def test_stage2_continues_only_on_the_stage1_model_it_started_from(tmp_path):
   from imbal_jax import workdir
   run = tmp_path / 'stage2'
   run.mkdir()
-  record = workdir.check_stage1_unchanged(run, tmp_path / 's1', {'step': 8, 'score': 0.5})
-  assert record == {'init_from': str(tmp_path / 's1'), 'selected_step': 8, 'selected_score': 0.5}
+  now = {'step': 8, 'score': 0.5, 'variables_sha256': 'aa'}
+  record = workdir.check_stage1_unchanged(run, tmp_path / 's1', now)
+  assert record == {'init_from': str(tmp_path / 's1'), 'selected_step': 8, 'selected_score': 0.5,
+                    'selected_variables_sha256': 'aa'}
   (run / workdir.STAGE1_RECORD).write_text(json.dumps(record))
-  workdir.check_stage1_unchanged(run, tmp_path / 's1', {'step': 8, 'score': 0.5})  # the same
+  workdir.check_stage1_unchanged(run, tmp_path / 's1', now)  # the same
+  # Moved or copied elsewhere: the same model.
+  workdir.check_stage1_unchanged(run, tmp_path / 'copy_of_s1', now)
   with pytest.raises(workdir.WorkdirError, match=r'changed since the stage-2 run .* started: its '
                      r'selected model was step 8 \(score 0.5\), now step 40 \(score 0.7\)'):
-    workdir.check_stage1_unchanged(run, tmp_path / 's1', {'step': 40, 'score': 0.7})
+    workdir.check_stage1_unchanged(run, tmp_path / 's1', {'step': 40, 'score': 0.7,
+                                                          'variables_sha256': 'bb'})
+  # Trained again, selecting the same step with the same score: the weights decide.
+  with pytest.raises(workdir.WorkdirError, match=r'its selected model \(step 8\) holds other '
+                     'weights than when this run started'):
+    workdir.check_stage1_unchanged(run, tmp_path / 's1', {**now, 'variables_sha256': 'bb'})
+  # A record from before the hash was kept: step and score only.
+  del record['selected_variables_sha256']
+  (run / workdir.STAGE1_RECORD).write_text(json.dumps(record))
+  workdir.check_stage1_unchanged(run, tmp_path / 's1', {**now, 'variables_sha256': 'bb'})
+
+
+def test_variables_sha256_sees_values_shapes_dtypes_and_names():
+  import jax.numpy as jnp
+  from imbal_jax import checkpoint
+  tree = {'a': jnp.arange(4.0), 'b': {'c': np.ones((2, 2), np.float32)}}
+  base = checkpoint.variables_sha256(tree)
+  assert checkpoint.variables_sha256({'b': {'c': np.ones((2, 2), np.float32)},
+                                      'a': jnp.arange(4.0)}) == base
+  for other in ({**tree, 'a': jnp.arange(4.0).at[3].set(3.5)},
+                {**tree, 'a': jnp.arange(4.0).reshape(2, 2)},
+                {**tree, 'a': jnp.arange(4.0, dtype=jnp.bfloat16)},
+                {'x': tree['a'], 'b': tree['b']}):
+    assert checkpoint.variables_sha256(other) != base
 
 
 def test_stage2_refuses_data_fields_that_differ_from_stage1(tmp_path):

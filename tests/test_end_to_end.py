@@ -102,6 +102,13 @@ def test_stage2_encoder_is_bit_identical_to_selected_stage1_encoder(runs):
     assert path1 == path2
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert set(stage2_vars['head']['params']) == {'dense'}
+  # The report and the stage-2 workdir name that stage-1 model by its weights' hash.
+  from imbal_jax import checkpoint
+  digest = checkpoint.variables_sha256(stage1_vars)
+  assert json.loads((root / 'stage2' / 'report.json').read_text())[
+      'stage1_variables_sha256'] == digest
+  assert json.loads((root / 'stage2' / 'stage1.json').read_text())[
+      'selected_variables_sha256'] == digest
 
 
 def test_rerun_resumes_from_latest_checkpoint(runs, tmp_path):

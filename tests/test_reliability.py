@@ -128,13 +128,40 @@ def test_unreadable_selected_model_says_to_train_the_stage_again(uninterrupted, 
       in result.stderr
 
 
-def test_workdir_with_other_config_is_refused_then_forced(uninterrupted, tmp_path):
-  run_dir = tmp_path / 'other'
-  shutil.copytree(uninterrupted, run_dir)
+def tiny_config():
+  """The config of the command-line runs here (TINY and OVERRIDES), for in-process runs."""
   config = load_config('stage1')
   for override in [*TINY, *OVERRIDES]:
     field, value = override[len('--config.'):].split('=')
     config[field] = type(config[field])(value)
+  return config
+
+
+def test_force_rerun_from_an_earlier_checkpoint_selects_its_own_model(uninterrupted, tmp_path):
+  run_dir = tmp_path / 'stale'
+  shutil.copytree(uninterrupted, run_dir)
+  total = 4 * STEPS_PER_EPOCH
+  shutil.rmtree(run_dir / 'checkpoints' / str(total))  # the run resumes from step 45
+  # The interrupted run's selected model, saved after that checkpoint: as if it were the
+  # last step's, which the rerun reaches again (the case a same-step save would skip).
+  [best] = [p for p in (run_dir / 'best').iterdir() if p.name.isdigit()]
+  best.rename(run_dir / 'best' / str(total))
+  config = tiny_config()
+  config.learning_rate *= 2
+  report = train.train_and_evaluate(config, str(run_dir), force=True)
+  assert report['selection']['step'] == total  # the rerun's only evaluation
+  selected = ocp.StandardCheckpointer().restore(
+      (run_dir / 'best' / str(total) / 'variables').absolute())
+  # This run's last state, not the interrupted run's selected model.
+  assert_trees_bitwise_equal(selected['params'], final_state(run_dir)['params'])
+  assert report['val']['balanced_accuracy'] == read_jsonl(
+      run_dir / 'val_metrics.jsonl')[-1]['val_balanced_accuracy']
+
+
+def test_workdir_with_other_config_is_refused_then_forced(uninterrupted, tmp_path):
+  run_dir = tmp_path / 'other'
+  shutil.copytree(uninterrupted, run_dir)
+  config = tiny_config()
   config.temperature = 0.2
   with pytest.raises(workdir.WorkdirError, match=r'temperature: 0.1 in the workdir, 0.2 now'):
     train.train_and_evaluate(config, str(run_dir))
@@ -212,3 +239,43 @@ def test_disk_full_while_saving_keeps_the_last_checkpoint(tmp_path):
     assert (run_dir / 'report.json').is_file()
   finally:
     subprocess.run(['umount', str(mount_point)], capture_output=True)
+
+
+def test_selected_models_after_the_resumed_step_are_discarded_and_declined_saves_refused(
+    tmp_path):
+  from imbal_jax import checkpoint
+  ckpt = checkpoint.Checkpoints(tmp_path / 'run')
+  ckpt.save_best(16, {'w': np.ones(3, np.float32)}, {'step': 16})
+  ckpt.wait()
+  # orbax declines, without an error, a step below the one best/ holds.
+  with pytest.raises(checkpoint.CheckpointError, match=r'holds the selected model of step 16, '
+                     r'after step 8'):
+    ckpt.save_best(8, {'w': np.zeros(3, np.float32)}, {'step': 8})
+  assert ckpt.discard_best_after(16) == []
+  assert ckpt.discard_best_after(8) == [16]
+  ckpt.save_best(8, {'w': np.zeros(3, np.float32)}, {'step': 8})
+  variables, info = ckpt.restore_best({'w': np.ones(3, np.float32)})
+  assert info == {'step': 8} and np.asarray(variables['w']).tolist() == [0, 0, 0]
+  # A readable checkpoint of another structure (e.g. momentum 0 against > 0) is named as such,
+  # not as corrupt.
+  ckpt.save_state(4, {'params': np.ones(2, np.float32)}, {'best_step': -1})
+  ckpt.wait()
+  with pytest.raises(checkpoint.CheckpointError, match=r'checkpoints/4 holds a train state '
+                     r'shaped otherwise than the one this config builds'):
+    ckpt.restore_state({'params': np.ones(2, np.float32), 'trace': np.ones(2, np.float32)})
+  ckpt.close()
+
+
+def test_force_momentum_between_zero_and_positive_is_refused():
+  with pytest.raises(workdir.WorkdirError, match=r'--force cannot change these fields.*\n'
+                     r'  momentum: 0.9 in the workdir, 0.0 now'):
+    check_forced({'momentum': 0.9}, {'momentum': 0.0})
+  check_forced({'momentum': 0.9}, {'momentum': 0.5})  # the same state: allowed
+
+
+def check_forced(saved, now):
+  import tempfile
+  import pathlib
+  with tempfile.TemporaryDirectory() as tmp:
+    (pathlib.Path(tmp) / 'config.json').write_text(json.dumps(saved))
+    workdir.check_config(pathlib.Path(tmp), now, force=True)
