@@ -8,6 +8,7 @@ weights are small constants of the compiled step.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax.numpy as jnp
@@ -19,6 +20,14 @@ CLASSIFICATION_LOSSES = ('ce', 'focal', 'cb', 'ldam_drw', 'logit_adjusted', 'bal
 METRIC_LOSSES = ('supcon', 'balanced_supcon', 'triplet', 'class_center')
 
 
+def drw_start_epoch(fraction: float, num_epochs: int) -> int:
+  """The epoch re-weighting starts at: `fraction` of `num_epochs`, rounded down to a
+  whole epoch (Cao et al. switch at an epoch boundary, 160 of 200). A product that
+  rounding leaves just below a whole number (0.57 * 100 = 56.99999999999999) is that
+  number, not the epoch before."""
+  return math.floor(fraction * num_epochs + 1e-9)
+
+
 def classification_loss(config, class_counts, steps_per_epoch: int) -> Callable:
   """(logits, labels, step) -> scalar, for `config.loss`:
 
@@ -28,7 +37,7 @@ def classification_loss(config, class_counts, steps_per_epoch: int) -> Callable:
                     beta `cb_beta` (Cui et al. 2019)
   ldam_drw          LDAM margins (`ldam_max_margin`, logit scale `ldam_scale`) with
                     class-balanced re-weighting deferred to `drw_start_fraction` of
-                    training (Cao et al. 2019)
+                    training, at an epoch boundary (drw_start_epoch; Cao et al. 2019)
   logit_adjusted    logit-adjusted cross-entropy, `logit_adjust_tau` (Menon et al. 2021)
   balanced_softmax  balanced softmax (Ren et al. 2020)
   """
@@ -43,7 +52,7 @@ def classification_loss(config, class_counts, steps_per_epoch: int) -> Callable:
     return lambda logits, labels, step: losses.weighted_cross_entropy(logits, labels, weights)
   if name == 'ldam_drw':
     weights = losses.class_balanced_weights(counts, config.cb_beta)
-    drw_step = int(config.drw_start_fraction * config.num_epochs) * steps_per_epoch
+    drw_step = drw_start_epoch(config.drw_start_fraction, config.num_epochs) * steps_per_epoch
 
     def ldam(logits, labels, step):
       deferred = jnp.where(step >= drw_step, weights, jnp.ones_like(weights))

@@ -62,6 +62,17 @@ def test_ldam_drw_defers_class_weights_to_its_start_step(batch):
   np.testing.assert_allclose(float(fn(logits, labels, 20)), float(weighted), rtol=1e-6)
 
 
+def test_drw_starts_at_the_fraction_of_the_epochs_rounded_down_exactly():
+  from fractions import Fraction
+  for epochs in range(1, 301):
+    for hundredths in range(1, 100):
+      fraction = hundredths / 100
+      # Exact rational arithmetic: floor(hundredths * epochs / 100).
+      expected = int(Fraction(hundredths, 100) * epochs)
+      assert objectives.drw_start_epoch(fraction, epochs) == expected, (fraction, epochs)
+  assert 0.57 * 100 < 57  # the float product the rounding guards against
+
+
 def test_metric_losses_and_class_centres(batch):
   _, labels, z = batch
   centers = jnp.eye(3, 8)
