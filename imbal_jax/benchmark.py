@@ -35,7 +35,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from imbal_jax import configuration, distributed, host_memory, sharding, stages
+from imbal_jax import configuration, distributed, host_memory, launch_flags, sharding, stages
 from imbal_jax import steps as steps_lib
 from imbal_jax.data import pipeline, sources
 from imbal_jax.flops import matmul_flops, peak_flops
@@ -55,6 +55,8 @@ _PIXEL_MEAN, _PIXEL_STD = 0.5, 0.25
 _STORED_SHAPES = {'digits': (8, 1), 'medmnist': (28, 3), 'idx': (28, 1), 'tfds': (32, 3)}
 # Readers that decode image files (and caches of them) need config.image_size; always RGB.
 _IMAGE_FILE_READERS = ('folder', 'csv', 'isic', 'prepared')
+# Of those, the ones that decode every file when the data is loaded.
+_DECODING_READERS = sources.RESIZING_READERS
 
 class BenchmarkError(ValueError):
   """A request the benchmark cannot run; the message says what to change."""
@@ -206,11 +208,30 @@ def profile_compiled(compiled, args, trace_dir: str, top: int = 12) -> dict[str,
           'top_ops_ms_per_step': [[name, round(ms, 2)] for name, ms in totals.most_common(top)]}
 
 
+def model_flops(stage: str, config, shape, num_classes: int, mesh, dtype: str,
+                traced) -> tuple[float, float]:
+  """(model FLOPs, executed FLOPs) of the global step whose trace is `traced`.
+
+  They differ under gradient accumulation: its gradient cache runs each
+  micro-batch's forward pass twice (steps.cached_stage1_gradients). The model FLOPs,
+  what MFU is defined over, are those of the same step on the whole batch at once.
+  """
+  executed = matmul_flops(traced.jaxpr.jaxpr)
+  if stage != 'stage1' or config.grad_accum_steps == 1:
+    return executed, executed
+  whole_batch = config.copy_and_resolve_references()
+  whole_batch.grad_accum_steps = 1
+  jitted, args = build_step(stage, whole_batch, shape, num_classes, mesh, dtype)
+  return matmul_flops(jitted.trace(*args).jaxpr.jaxpr), executed
+
+
 def benchmark_step(stage: str, config, *, image_size: int | None = None, num_classes: int = 10,
                    steps: int = 20, warmup: int = 3, dtype: str | None = None,
-                   mesh=None, profile_dir: str | None = None) -> dict[str, Any]:
+                   mesh=None, profile_dir: str | None = None,
+                   shape: tuple[int, int, int] | None = None) -> dict[str, Any]:
   """Compiles and times `stage`'s train step on random data; one JSON-ready record.
 
+  `shape` (height, width, channels) overrides the preset's image shape (image_shape).
   With `profile_dir`, PROFILE_STEPS more steps are traced into profile_dir/stage
   after the timed ones, and the record's 'profile' holds profile_compiled's summary.
   """
@@ -222,7 +243,7 @@ def benchmark_step(stage: str, config, *, image_size: int | None = None, num_cla
   except ValueError as error:
     raise BenchmarkError(str(error)) from None
   dtype = compute_dtype(config, dtype)
-  shape = image_shape(config, image_size)
+  shape = tuple(shape) if shape is not None else image_shape(config, image_size)
   jitted, args = build_step(stage, config, shape, num_classes, mesh, dtype)
   start = time.perf_counter()
   traced = jitted.trace(*args)
@@ -237,37 +258,48 @@ def benchmark_step(stage: str, config, *, image_size: int | None = None, num_cla
             'step_seconds_p90': float(np.percentile(times, 90)),
             'images_per_sec': config.batch_size / median}
   # FLOPs of the global step (all devices), against the peak of all devices.
-  flops = matmul_flops(traced.jaxpr.jaxpr)
+  flops, executed = model_flops(stage, config, shape, num_classes, mesh, dtype, traced)
   peak = peak_flops(record['device_kind'], dtype)
   peak = None if peak is None else peak * mesh.devices.size
   achieved = flops / median
   record.update(flops_per_step=flops, achieved_flops_per_sec=achieved, peak_flops_per_sec=peak,
-                mfu=None if peak is None else achieved / peak)
+                mfu=None if peak is None else achieved / peak,
+                grad_accum_steps=config.grad_accum_steps if stage == 'stage1' else 1,
+                executed_flops_per_step=executed)
   if profile_dir is not None:
     record['profile'] = profile_compiled(compiled, (state,) + args[1:],
                                          os.path.join(profile_dir, stage))
   return record
 
 
+def load_data(config) -> tuple[sources.Dataset | None, str | None]:
+  """(the preset's data set, None), or (None, why it cannot be loaded)."""
+  try:
+    return sources.load(config), None
+  except sources.DataError as error:
+    return None, str(error)
+
+
 def time_input_pipeline(config, *, steps: int = 20, warmup: int = 3,
-                        dtype: str | None = None) -> dict[str, Any]:
+                        dtype: str | None = None, data=None) -> dict[str, Any]:
   """Times pipeline.train_iterator over the real training split alone (no device work).
 
   Skipped, with a 'note', when the data cannot be loaded. images_per_sec counts
   this process's rows of each global batch: what one host's pipeline delivers.
+  `data` is load_data's result where the caller has it.
   """
   record = {'stage': 'input_pipeline', **environment(config, compute_dtype(config, dtype)),
             'global_batch': config.batch_size, 'data_workers': config.data_workers}
-  try:
-    dataset = sources.load(config)
-  except sources.DataError as error:
-    return {**record, 'skipped': True, 'note': f'data not available: {error}',
+  dataset, missing = load_data(config) if data is None else data
+  if dataset is None:
+    return {**record, 'skipped': True, 'note': f'data not available: {missing}',
             'images_per_sec': None}
   train_split = dataset.splits['train']
   steps_per_epoch = math.ceil(len(train_split) / config.batch_size)
   num_epochs = math.ceil((warmup + steps) / steps_per_epoch)
   batches = pipeline.TrainBatches(train_split, dataset.num_classes, config.batch_size,
-                                  config.sampler, config.seed, num_epochs)
+                                  config.sampler, config.seed, num_epochs,
+                                  pairs=config.batch_pairs)
   iterator = pipeline.train_iterator(batches, config.data_workers)
   for _ in range(warmup):
     next(iterator)
@@ -300,12 +332,26 @@ def run(config, *, steps: int = 20, warmup: int = 3, image_size: int | None = No
                          'inherits its model and data from a stage-1 run; both steps are timed '
                          'from the stage-1 config.')
   config = configuration.resolve(config)
-  records = [benchmark_step(stage, config, image_size=image_size, num_classes=num_classes,
-                            steps=steps, warmup=warmup, dtype=dtype, profile_dir=profile_dir)
+  # The steps run on images of the data's shape where the data is at hand: a reader
+  # such as medmnist holds grey or RGB images of any size. Files that would all be
+  # decoded first (folder, csv, isic) are read only to time the pipeline.
+  data = None
+  if 'input_pipeline' in stages or (image_size is None
+                                    and config.dataset not in _DECODING_READERS):
+    data = load_data(config)
+  if image_size is None and data is not None and data[0] is not None:
+    shape, shape_from = data[0].image_shape, 'data'
+  else:
+    shape = image_shape(config, image_size)
+    shape_from = 'flag' if image_size else 'preset'
+  records = [{**benchmark_step(stage, config, num_classes=num_classes, steps=steps,
+                               warmup=warmup, dtype=dtype, profile_dir=profile_dir, shape=shape),
+              'image_shape_from': shape_from}
              for stage in STAGES if stage in stages]
   if 'input_pipeline' in stages:
     # After the steps, so that the pipeline's threads do not compete with them.
-    records.append(time_input_pipeline(config, steps=steps, warmup=warmup, dtype=dtype))
+    records.append(time_input_pipeline(config, steps=steps, warmup=warmup, dtype=dtype,
+                                       data=data))
   return records
 
 
@@ -326,6 +372,7 @@ def define_flags():
                       "each step's record then lists the operations that took longest.")
   flags.DEFINE_list('stages', list(RECORDS), 'What to time, comma-separated: '
                     f'{", ".join(RECORDS)}.')
+  launch_flags.define()
   flags.mark_flags_as_required(['config'])
 
 
@@ -341,12 +388,20 @@ def main(argv):
   if FLAGS.profile_dir and CPU_TRACE_FLAG not in os.environ.get('XLA_FLAGS', ''):
     # Before any backend starts: XLA reads its flags once.
     os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_TRACE_FLAG}".strip()
-  host_memory.retain_freed_memory()  # CPU only: freed buffers stay mapped
-  distributed.use_cpu_cores([config.batch_size])  # on CPU, one device per core
   try:
+    # As imbal_jax.main starts: the allocator's settings (CPU only), then the processes
+    # of a multi-process run join; alone, on CPU, one device per core (a count that the
+    # batch, its micro-batches and the evaluation batch divide, as training picks it).
+    host_memory.retain_freed_memory()
+    if not distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                                  FLAGS.process_id):
+      distributed.use_cpu_cores(distributed.config_batch_sizes(config))
     records = run(config, steps=FLAGS.steps, warmup=FLAGS.warmup, image_size=FLAGS.image_size,
                   num_classes=FLAGS.num_classes, dtype=FLAGS.dtype,
                   profile_dir=FLAGS.profile_dir, stages=FLAGS.stages)
+  except distributed.LaunchError as error:
+    print(f'imbal_jax: launch error: {error}', file=sys.stderr)
+    sys.exit(2)
   except (BenchmarkError, configuration.ConfigError) as error:
     print(f'imbal_jax: benchmark error: {error}', file=sys.stderr)
     sys.exit(2)

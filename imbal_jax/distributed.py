@@ -73,8 +73,8 @@ def check_flags(coordinator_address: str | None, num_processes: int | None,
     if not 0 <= process_id < num_processes:
       raise LaunchError(f'--process_id={process_id} must be in 0..{num_processes - 1} '
                         f'(--num_processes={num_processes}).')
-    if num_processes > 1 and not (coordinator_address or
-                                  os.environ.get('JAX_COORDINATOR_ADDRESS')):
+    # Under a cluster launcher JAX finds the coordinator itself; the flags fill in the rest.
+    if num_processes > 1 and not (coordinator_address or detected_launcher()):
       raise LaunchError('--process_id and --num_processes need --coordinator_address=HOST:PORT '
                         '(process 0\'s host, and a free port there), the same on every process.')
   if num_processes == 1 and coordinator_address:

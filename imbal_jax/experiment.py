@@ -120,6 +120,14 @@ def execute(plan: Plan, command_line: str = '') -> int:
   """Trains the pending runs in order; returns the exit status (0: every run finished)."""
   import jax  # after flag parsing, as in imbal_jax.main
   from imbal_jax import checkpoint, distributed, host_memory, train
+  launcher = distributed.detected_launcher()
+  if launcher is not None:
+    # Each process would run every run on its own, all writing the same workdir.
+    print(f'imbal_jax.experiment: launch error: started as one of several processes (by '
+          f'{launcher}); an experiment runs in one process. On several hosts, train each run '
+          'with python -m imbal_jax.main (--dry_run lists their commands), then compare them '
+          'with python -m imbal_jax.report.', file=sys.stderr)
+    return 2
   host_memory.retain_freed_memory()
   distributed.use_cpu_cores([size for run in plan.runs
                              for size in distributed.config_batch_sizes(run.config)])

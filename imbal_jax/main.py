@@ -14,17 +14,13 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from imbal_jax import launch_flags
+
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the report.')
 config_flags.DEFINE_config_file('config', None, 'A config file, e.g. configs/stage1.py[:preset].',
                                 lock_config=True)
 flags.DEFINE_bool('force', False, 'Continue a workdir whose saved config differs from --config.')
-flags.DEFINE_string('coordinator_address', None,
-                    'Multi-process runs: HOST:PORT of process 0, the same on every process. '
-                    'Left out, it is detected on Cloud TPU, SLURM and Open MPI.')
-flags.DEFINE_integer('num_processes', None,
-                     'Multi-process runs: how many processes (usually one per host). '
-                     '1 forces a single-process run inside a multi-task launcher.')
-flags.DEFINE_integer('process_id', None, 'Multi-process runs: this process, 0..num_processes-1.')
+launch_flags.define()
 flags.mark_flags_as_required(['config', 'workdir'])
 FLAGS = flags.FLAGS
 

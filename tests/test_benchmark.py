@@ -86,6 +86,66 @@ def test_command_prints_one_json_line_per_stage(command_records):
   assert inputs['skipped'] is False and inputs['dataset'] == 'digits'
   assert inputs['data_workers'] == 0 and inputs['global_batch'] == 32
   assert inputs['images_per_sec'] > 0
+  # The steps ran on the shape of the data, which the command loaded.
+  assert stage1['image_shape_from'] == stage2['image_shape_from'] == 'data'
+
+
+def test_the_steps_run_on_the_shape_of_the_data_when_it_is_at_hand(tmp_path, devices):
+  import numpy as np
+  # A grey 12 px MedMNIST-layout file, where the medmnist preset assumes 28 px RGB.
+  rng = np.random.default_rng(0)
+  arrays = {}
+  for part, count in (('train', 40), ('val', 10), ('test', 10)):
+    arrays[f'{part}_images'] = rng.integers(0, 256, (count, 12, 12), dtype=np.uint8)
+    arrays[f'{part}_labels'] = (np.arange(count) % 4).reshape(-1, 1)
+  np.savez(tmp_path / 'grey12.npz', **arrays)
+  config = stage1_config('dermamnist', width=4, batch_size=8, model='resnet32',
+                         data_path=str(tmp_path / 'grey12.npz'), imbalance_ratio=None)
+  [record] = benchmark.run(config, steps=1, warmup=0, stages=['stage2'])
+  assert (record['image_size'], record['channels']) == (12, 1)
+  assert record['image_shape_from'] == 'data'
+  config.data_path = str(tmp_path / 'absent.npz')  # no data: the preset's shape
+  [record] = benchmark.run(config, steps=1, warmup=0, stages=['stage2'])
+  assert (record['image_size'], record['channels'], record['image_shape_from']) == (28, 3,
+                                                                                    'preset')
+
+
+def test_model_flops_leave_out_the_gradient_cache_recomputation(devices):
+  config = configuration.resolve(stage1_config(**TINY))
+  mesh = sharding.make_mesh()
+  shape = (8, 8, 1)
+  counts = {}
+  for accum in (1, 2, 4):
+    config.grad_accum_steps = accum
+    jitted, args = benchmark.build_step('stage1', config, shape, 10, mesh)
+    counts[accum] = benchmark.model_flops('stage1', config, shape, 10, mesh, 'float32',
+                                          jitted.trace(*args))
+  model, executed = counts[1]
+  assert model == executed
+  for accum in (2, 4):  # the same model FLOPs; each micro-batch's forward pass runs twice
+    assert counts[accum][0] == model
+    assert counts[accum][1] > model
+
+
+def test_input_pipeline_times_the_paired_batches_training_uses(devices, monkeypatch):
+  made = []
+  original = benchmark.pipeline.TrainBatches
+
+  def recording(*args, **kwargs):
+    made.append(kwargs.get('pairs'))
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(benchmark.pipeline, 'TrainBatches', recording)
+  config = configuration.resolve(stage1_config(**TINY, batch_pairs=True))
+  assert benchmark.time_input_pipeline(config, steps=1, warmup=0)['skipped'] is False
+  assert made == [True]
+
+
+def test_command_takes_the_multi_process_flags():
+  result = run_command('--config=configs/stage1.py', '--num_processes=2', '--process_id=0')
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      'imbal_jax: launch error: --process_id and --num_processes need --coordinator_address')
 
 
 def test_profile_dir_holds_a_trace_and_the_slowest_operations(command_records, profile_dir):

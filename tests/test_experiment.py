@@ -278,6 +278,17 @@ def test_missing_data_stops_the_experiment_at_its_first_run(tmp_path):
   assert 'missing.npz' in record['runs'][0]['error']
 
 
+def test_a_multi_process_launch_is_refused_before_training(tmp_path, monkeypatch):
+  monkeypatch.setattr(train, 'train_and_evaluate', must_not_train)
+  for key, value in {'SLURM_JOB_ID': '7', 'SLURM_STEP_NODELIST': 'node[1-2]',
+                     'SLURM_NTASKS': '2', 'SLURM_PROCID': '0', 'SLURM_LOCALID': '0'}.items():
+    monkeypatch.setenv(key, value)
+  code, _, err = run_command(tmp_path / 'slurm', overrides=TINY)
+  assert code == 2
+  assert ('imbal_jax.experiment: launch error: started as one of several processes (by SLURM)'
+          in err)
+
+
 def test_workdir_of_another_experiment_is_refused(trained, monkeypatch):
   monkeypatch.setattr(train, 'train_and_evaluate', must_not_train)
   code, _, err = run_command(trained.root, overrides=TINY + ['stage2.num_epochs=2'])

@@ -271,6 +271,18 @@ def test_launchers_are_detected_from_their_variables(environ, launcher):
   assert distributed.detected_launcher(environ) == launcher
 
 
+def test_flags_fill_in_what_a_cluster_launcher_leaves_out(monkeypatch):
+  # Under an srun step JAX finds the coordinator itself: --process_id and
+  # --num_processes need no --coordinator_address there (docs/multihost.md).
+  for key, value in {**SLURM_STEP, 'SLURM_NTASKS': '16'}.items():
+    monkeypatch.setenv(key, value)
+  distributed.check_flags(None, 16, 3)
+  monkeypatch.delenv('SLURM_NTASKS')
+  monkeypatch.delenv('JAX_COORDINATOR_ADDRESS', raising=False)
+  with pytest.raises(distributed.LaunchError, match='need --coordinator_address'):
+    distributed.check_flags(None, 16, 3)
+
+
 def test_a_single_process_initialises_nothing(monkeypatch):
   for name in ('JAX_COORDINATOR_ADDRESS', 'SLURM_NTASKS', 'OMPI_MCA_orte_hnp_uri',
                'TPU_WORKER_HOSTNAMES', 'TPU_PROCESS_ADDRESSES', 'MEGASCALE_NUM_SLICES'):
