@@ -527,9 +527,12 @@ def test_predict_folder_input_follows_symlinked_folders(tmp_path):
       (b'b', b'2.png'): encode_image(PALETTE[2], (3, 3), 'RGB', 'PNG')})
   os.symlink(tmp_path / 'elsewhere' / 'b', tmp_path / 'data' / 'b')
   os.symlink(tmp_path / 'data', tmp_path / 'data' / 'b' / 'loop')  # followed once
+  (tmp_path / 'data' / 'a' / '._0.png').write_bytes(b'\x00\x05\x16\x07')  # macOS copy
   inputs = inference_inputs._folder_inputs(tmp_path / 'data', (3, 3, 3))
   assert [os.path.relpath(n, tmp_path / 'data') for n in inputs.names] == [
       'a/0.png', 'b/1.png', 'b/2.png']
+  assert inputs.notes == ('left out 1 hidden file(s) (a name starting with "." or a __MACOSX '
+                          'folder on the path), e.g. a/._0.png',)
 
 
 # Guards against: a symlinked class folder not being descended into (Path.rglob before Python

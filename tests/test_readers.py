@@ -183,8 +183,23 @@ def test_folder_names_files_it_leaves_out_and_refuses_a_class_of_no_images(tmp_p
   (tmp_path / 'data' / 'rare').mkdir()
   (tmp_path / 'data' / 'rare' / 'a.dcm').write_bytes(b'DICM')
   (tmp_path / 'data' / 'rare' / '.DS_Store').write_bytes(b'')
-  with pytest.raises(DataError, match=r'data/rare: holds files \(.DS_Store, .dcm\) but no image'):
+  with pytest.raises(DataError, match=r'data/rare: holds files \(.dcm\) but no image'):
     readers.folder(cfg(data_path=str(tmp_path / 'data'), image_size=4))
+
+
+def test_folder_leaves_out_hidden_files_and_macos_zip_copies(tmp_path):
+  make_folder_tree(tmp_path / 'data')
+  # A zip made on macOS: __MACOSX/ holds a '._' copy of every file, not an image.
+  for name in ('u0.jpg', 'u1.jpg'):
+    (tmp_path / 'data' / '__MACOSX' / 'ulcer').mkdir(parents=True, exist_ok=True)
+    (tmp_path / 'data' / '__MACOSX' / 'ulcer' / f'._{name}').write_bytes(b'\x00\x05\x16\x07')
+  (tmp_path / 'data' / 'ulcer' / '._u0.jpg').write_bytes(b'\x00\x05\x16\x07')
+  (tmp_path / 'data' / '.thumbnails' / 'x').mkdir(parents=True)
+  (tmp_path / 'data' / '.thumbnails' / 'x' / 'a.png').write_bytes(b'png?')
+  source = readers.folder(cfg(data_path=str(tmp_path / 'data'), image_size=4))
+  assert source.class_names == ('lower/polyp', 'ulcer', 'upper/polyp')
+  assert len(source.parts['train']) == 9
+  assert any(note.startswith('left out 4 hidden file(s)') for note in source.notes)
 
 
 def test_csv_rows_with_more_cells_than_the_header_are_refused_by_line(tmp_path):

@@ -144,13 +144,34 @@ def is_image_name(path: pathlib.Path) -> bool:
   return path.suffix.lower() in IMAGE_SUFFIXES
 
 
-def non_image_note(root: pathlib.Path, others) -> tuple[str, ...]:
-  """A note naming the files below `root` that were left out for their suffix (none: ())."""
-  if not others:
-    return ()
-  shown = ', '.join(_printable(str(p.relative_to(root))) for p in others[:5])
-  return (f'left out {len(others)} file(s) without an image suffix '
-          f'({", ".join(sorted(IMAGE_SUFFIXES))}): {shown}{", ..." if len(others) > 5 else ""}',)
+def is_hidden(root: pathlib.Path, path: pathlib.Path) -> bool:
+  """Below a name starting with '.' or a __MACOSX folder (a macOS zip's ._ copies of
+  every image, which are not images), relative to `root`."""
+  return any(part.startswith('.') or part == '__MACOSX'
+             for part in path.relative_to(root).parts)
+
+
+def sort_files(root: pathlib.Path, files):
+  """(images, files without an image suffix, hidden files) of `files` below `root`."""
+  images, others, hidden = [], [], []
+  for path in files:
+    (hidden if is_hidden(root, path) else images if is_image_name(path) else others).append(path)
+  return images, others, hidden
+
+
+def left_out_notes(root: pathlib.Path, others, hidden) -> tuple[str, ...]:
+  """Notes naming the files below `root` left out for their suffix, and counting the
+  hidden ones."""
+  notes = []
+  if others:
+    shown = ', '.join(_printable(str(p.relative_to(root))) for p in others[:5])
+    notes.append(f'left out {len(others)} file(s) without an image suffix '
+                 f'({", ".join(sorted(IMAGE_SUFFIXES))}): {shown}'
+                 f'{", ..." if len(others) > 5 else ""}')
+  if hidden:
+    notes.append(f'left out {len(hidden)} hidden file(s) (a name starting with "." or a '
+                 f'__MACOSX folder on the path), e.g. {_printable(str(hidden[0].relative_to(root)))}')
+  return tuple(notes)
 
 
 def scan_class_folders(root: pathlib.Path):
@@ -160,17 +181,14 @@ def scan_class_folders(root: pathlib.Path):
   share a name (nested layouts such as Hyper-Kvasir's). Files without an image
   suffix are left out and named in the notes; a folder holding such files and no
   image anywhere below it would be a class lost without a word, so it is refused.
+  Hidden files (is_hidden) are left out and counted in the notes.
   """
   by_folder: dict[pathlib.Path, list[pathlib.Path]] = {}
-  others = []
-  for path in walk_files(root):
-    if is_image_name(path):
-      by_folder.setdefault(path.parent, []).append(path)
-    else:
-      others.append(path)
+  images, others, hidden = sort_files(root, walk_files(root))
+  for path in images:
+    by_folder.setdefault(path.parent, []).append(path)
   holding_images = {root} | {a for folder in by_folder for a in (folder, *folder.parents)}
-  imageless = sorted({p.parent for p in others
-                      if p.parent not in holding_images and not p.name.startswith('.')})
+  imageless = sorted({p.parent for p in others if p.parent not in holding_images})
   if imageless:
     folder = imageless[0]
     found = sorted({p.suffix.lower() or p.name for p in others if p.parent == folder})
@@ -195,7 +213,7 @@ def scan_class_folders(root: pathlib.Path):
   for label, folder in enumerate(folders):
     paths += by_folder[folder]
     labels += [label] * len(by_folder[folder])
-  return paths, labels, class_names, non_image_note(root, others)
+  return paths, labels, class_names, left_out_notes(root, others, hidden)
 
 
 def _printable(name: str) -> str:

@@ -15,8 +15,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from imbal_jax.data.imagefiles import (IMAGE_SUFFIXES, decode_image, is_image_name,
-                                       non_image_note, walk_files)
+from imbal_jax.data.imagefiles import (IMAGE_SUFFIXES, decode_image, left_out_notes,
+                                       sort_files, walk_files)
 from imbal_jax.data.sources import DataError
 
 # ITU-R BT.601 luma, the weights PIL's convert('L') uses.
@@ -59,13 +59,12 @@ def _read_file(path: pathlib.Path, image_shape) -> np.ndarray:
 
 def _folder_inputs(root: pathlib.Path, image_shape) -> Inputs:
   # Listed as the training reader lists folders (symlinked sub-folders followed).
-  files = list(walk_files(root))
-  images = [p for p in files if is_image_name(p)]
+  images, others, hidden = sort_files(root, walk_files(root))
   if not images:
     raise PredictError(f'--input={root} holds no image files ({", ".join(sorted(IMAGE_SUFFIXES))})'
                        ' in it or its sub-folders.')
   # Said, not silently skipped: a .dcm or .jp2 may be meant as an image.
-  notes = non_image_note(root, [p for p in files if not is_image_name(p)])
+  notes = left_out_notes(root, others, hidden)
   return Inputs([str(p) for p in images], lambda i: _read_file(images[i], image_shape), notes)
 
 
