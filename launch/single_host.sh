@@ -9,10 +9,26 @@
 # otherwise). Several hosts: launch/tpu_pod.sh (Cloud TPU VM pod slices) and
 # launch/slurm_gpu.sbatch (GPU nodes under SLURM).
 #
-# Usage: launch/single_host.sh RUN [extra --config.FIELD=VALUE overrides]
+# Usage: [CONFIG=configs/stage1.py:PRESET] launch/single_host.sh RUN \
+#            [stage-1 --config.FIELD=VALUE ...] [-- stage-2 --config.FIELD=VALUE ...]
+# Stage 2 uses the same preset (configs/stage2.py:PRESET, or STAGE2_CONFIG) and
+# inherits the data and model from stage 1.
 set -euo pipefail
-RUN=${1:?usage: launch/single_host.sh RUN_DIR [overrides...]}
+RUN=${1:?usage: launch/single_host.sh RUN_DIR [stage-1 overrides] [-- stage-2 overrides]}
 shift
-python -m imbal_jax.main --config=configs/stage1.py --workdir="$RUN/stage1" "$@"
-python -m imbal_jax.main --config=configs/stage2.py --workdir="$RUN/stage2" \
-    --config.init_from="$RUN/stage1"
+CONFIG=${CONFIG:-configs/stage1.py}
+# Stage 2 starts from the same preset (configs/stage2.py:PRESET); STAGE2_CONFIG overrides.
+preset=''
+if [[ $CONFIG == *:* ]]; then preset=":${CONFIG##*:}"; fi
+STAGE2_CONFIG=${STAGE2_CONFIG:-configs/stage2.py$preset}
+# After RUN: overrides for stage 1, then, after a lone --, overrides for stage 2.
+stage1_args=() stage2_args=() into=1
+for arg in "$@"; do
+  if [[ $arg == -- && $into == 1 ]]; then into=2; continue; fi
+  if [[ $into == 1 ]]; then stage1_args+=("$arg"); else stage2_args+=("$arg"); fi
+done
+
+python -m imbal_jax.main --config="$CONFIG" --workdir="$RUN/stage1" \
+    ${stage1_args[@]+"${stage1_args[@]}"}
+python -m imbal_jax.main --config="$STAGE2_CONFIG" --workdir="$RUN/stage2" \
+    --config.init_from="$RUN/stage1" ${stage2_args[@]+"${stage2_args[@]}"}

@@ -4,7 +4,10 @@
 # Run from a checkout of this repository, on a machine with gcloud:
 #   TPU_NAME=my-pod ZONE=us-central2-b WORKDIR=/mnt/shared/runs/cifar10 \
 #   DATA_BUCKET=gs://my-bucket/tfds launch/tpu_pod.sh configs/stage1.py:cifar10_lt \
-#       [--config.FIELD=VALUE ...]
+#       [stage-1 --config.FIELD=VALUE ...] [-- stage-2 --config.FIELD=VALUE ...]
+#
+# Stage 2 uses the same preset (configs/stage2.py:cifar10_lt here; STAGE2_CONFIG
+# overrides) and inherits the data and model from stage 1.
 #
 # What it does, on every worker at once (gcloud ... --worker=all):
 #   1. copies the committed tree (git archive HEAD) to ~/imbal_jax and installs
@@ -36,8 +39,18 @@
 # resumes from it.
 set -euo pipefail
 
-CONFIG=${1:?usage: TPU_NAME=... ZONE=... WORKDIR=... launch/tpu_pod.sh CONFIG [overrides...]}
+CONFIG=${1:?usage: TPU_NAME=... ZONE=... WORKDIR=... launch/tpu_pod.sh CONFIG [stage-1 overrides] [-- stage-2 overrides]}
 shift
+# Stage 2 starts from the same preset (configs/stage2.py:PRESET); STAGE2_CONFIG overrides.
+preset=''
+if [[ $CONFIG == *:* ]]; then preset=":${CONFIG##*:}"; fi
+STAGE2_CONFIG=${STAGE2_CONFIG:-configs/stage2.py$preset}
+# After RUN: overrides for stage 1, then, after a lone --, overrides for stage 2.
+stage1_args=() stage2_args=() into=1
+for arg in "$@"; do
+  if [[ $arg == -- && $into == 1 ]]; then into=2; continue; fi
+  if [[ $into == 1 ]]; then stage1_args+=("$arg"); else stage2_args+=("$arg"); fi
+done
 TPU_NAME=${TPU_NAME:?set TPU_NAME to the TPU VM name}
 ZONE=${ZONE:?set ZONE to the TPU VM zone}
 WORKDIR=${WORKDIR:?set WORKDIR to a directory shared by all workers}
@@ -80,6 +93,7 @@ run_stage() {
   printf -v args ' %q' "$@" --num_processes="$NUM_WORKERS"
   on_all_workers "cd ~/imbal_jax && .venv/bin/python -m imbal_jax.main$args$extra"
 }
-run_stage "$data_flag" --config="$CONFIG" --workdir="$WORKDIR/stage1" "$@"
-run_stage '' --config=configs/stage2.py --workdir="$WORKDIR/stage2" \
-    --config.init_from="$WORKDIR/stage1"
+run_stage "$data_flag" --config="$CONFIG" --workdir="$WORKDIR/stage1" \
+    ${stage1_args[@]+"${stage1_args[@]}"}
+run_stage '' --config="$STAGE2_CONFIG" --workdir="$WORKDIR/stage2" \
+    --config.init_from="$WORKDIR/stage1" ${stage2_args[@]+"${stage2_args[@]}"}

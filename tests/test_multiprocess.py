@@ -320,7 +320,8 @@ def run_launcher(tmp_path, script, args, env, stubs):
 
 def test_tpu_pod_script_runs_both_stages_on_every_worker(tmp_path):
   calls = run_launcher(
-      tmp_path, 'launch/tpu_pod.sh', ['configs/stage1.py:cifar10_lt', '--config.seed=3'],
+      tmp_path, 'launch/tpu_pod.sh', ['configs/stage1.py:cifar10_lt', '--config.seed=3', '--',
+                                      '--config.stage2_method=lws'],
       {'TPU_NAME': 'pod', 'ZONE': 'us-central2-b', 'WORKDIR': '/shared/run',
        'DATA_BUCKET': 'gs://bucket/tfds'},
       {'gcloud': 'if [[ "$*" == *describe* ]]; then echo 4; fi'})
@@ -335,8 +336,10 @@ def test_tpu_pod_script_runs_both_stages_on_every_worker(tmp_path):
   assert stage1 == ['.venv/bin/python', '-m', 'imbal_jax.main',
                     '--config=configs/stage1.py:cifar10_lt', '--workdir=/shared/run/stage1',
                     '--config.seed=3', '--num_processes=4', '--config.data_dir=$HOME/tfds']
-  assert stage2 == ['.venv/bin/python', '-m', 'imbal_jax.main', '--config=configs/stage2.py',
-                    '--workdir=/shared/run/stage2', '--config.init_from=/shared/run/stage1',
+  # Stage 2 from the same preset, with the overrides after --.
+  assert stage2 == ['.venv/bin/python', '-m', 'imbal_jax.main',
+                    '--config=configs/stage2.py:cifar10_lt', '--workdir=/shared/run/stage2',
+                    '--config.init_from=/shared/run/stage1', '--config.stage2_method=lws',
                     '--num_processes=4']
 
 
@@ -353,6 +356,15 @@ def test_slurm_script_runs_one_task_per_gpu(tmp_path):
       ['srun', '--kill-on-bad-exit=1', '.venv/bin/python', '-m', 'imbal_jax.main',
        '--config=configs/stage2.py', '--workdir=/shared/run/stage2',
        '--config.init_from=/shared/run/stage1']]
+  (tmp_path / 'again').mkdir()
+  calls = run_launcher(tmp_path / 'again', 'launch/slurm_gpu.sbatch',
+                       ['/shared/run', '--', '--config.batch_size=96'],
+                       {'SLURM_SUBMIT_DIR': str(ROOT), 'CONFIG': 'configs/stage1.py:isic2019'},
+                       {'srun': ''})
+  assert [c[5:] for c in calls] == [
+      ['--config=configs/stage1.py:isic2019', '--workdir=/shared/run/stage1'],
+      ['--config=configs/stage2.py:isic2019', '--workdir=/shared/run/stage2',
+       '--config.init_from=/shared/run/stage1', '--config.batch_size=96']]
 
 
 def test_single_host_script_runs_both_stages(tmp_path):
@@ -363,3 +375,12 @@ def test_single_host_script_runs_both_stages(tmp_path):
        '--workdir=/runs/x/stage1', '--config.seed=3'],
       ['python', '-m', 'imbal_jax.main', '--config=configs/stage2.py',
        '--workdir=/runs/x/stage2', '--config.init_from=/runs/x/stage1']]
+  (tmp_path / 'again').mkdir()
+  calls = run_launcher(tmp_path / 'again', 'launch/single_host.sh',
+                       ['/runs/x', '--config.seed=3', '--', '--config.num_epochs=5'],
+                       {'CONFIG': 'configs/stage1.py:ham10000',
+                        'STAGE2_CONFIG': 'configs/stage2.py:dermamnist'}, {'python': ''})
+  assert [c[3:] for c in calls] == [
+      ['--config=configs/stage1.py:ham10000', '--workdir=/runs/x/stage1', '--config.seed=3'],
+      ['--config=configs/stage2.py:dermamnist', '--workdir=/runs/x/stage2',
+       '--config.init_from=/runs/x/stage1', '--config.num_epochs=5']]
