@@ -93,6 +93,14 @@ def stage1_run(init_from: str) -> tuple[pathlib.Path, dict]:
   return run_dir, saved
 
 
+def decay_epochs(text: str) -> list[int]:
+  """config.lr_decay_epochs, 'E1,E2,...', as ascending epochs; ValueError if not."""
+  epochs = [int(part) for part in str(text).split(',') if part.strip()]
+  if not epochs or epochs != sorted(set(epochs)) or epochs[0] < 1:
+    raise ValueError(text)
+  return epochs
+
+
 def _is_threshold_pair(text: str) -> bool:
   try:
     high, low = (float(x) for x in text.split(','))
@@ -195,6 +203,19 @@ def resolve(config: ml_collections.ConfigDict,
     raise ConfigError(f'config.imbalance_ratio={config.imbalance_ratio} must be >= 1 '
                       '(largest class count / smallest), or None to keep the distribution '
                       'as it is.')
+  _check_choice(config, 'lr_schedule', ('cosine', 'step'))
+  if config.lr_schedule == 'step':
+    try:
+      epochs = decay_epochs(config.lr_decay_epochs)
+    except ValueError:
+      raise ConfigError(f'config.lr_decay_epochs={config.lr_decay_epochs!r}: with '
+                        "config.lr_schedule='step', give the epochs the learning rate drops "
+                        "at, ascending and comma-separated, e.g. '160,180'.") from None
+    if epochs[0] <= config.warmup_epochs or epochs[-1] >= config.num_epochs:
+      raise ConfigError(f'config.lr_decay_epochs={config.lr_decay_epochs!r} must lie after '
+                        f'config.warmup_epochs={config.warmup_epochs} and before '
+                        f'config.num_epochs={config.num_epochs}.')
+    _check_positive(config, 'lr_decay_factor')
   if config.warmup_epochs >= config.num_epochs and config.warmup_epochs > 0:
     raise ConfigError(f'config.warmup_epochs={config.warmup_epochs} must be smaller than '
                       f'config.num_epochs={config.num_epochs}.')

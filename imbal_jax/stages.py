@@ -50,14 +50,30 @@ def _weight_decay_mask(params):
       lambda path, _: getattr(path[-1], 'key', None) == 'kernel', params)
 
 
-def make_optimizer(config, steps_per_epoch: int) -> tuple[optax.GradientTransformation, Callable]:
+def learning_rate_schedule(config, steps_per_epoch: int) -> Callable:
+  """Step -> learning rate: a linear warm-up from 0 over warmup_epochs, then
+  config.lr_schedule: 'cosine' decay to 0 at the last step, or 'step', the rate
+  times lr_decay_factor from each of the epochs lr_decay_epochs on."""
   total_steps = config.num_epochs * steps_per_epoch
   warmup_steps = int(config.warmup_epochs * steps_per_epoch)
+  if config.get('lr_schedule', 'cosine') == 'step':
+    # join_schedules runs the second schedule from 0 at the end of the warm-up.
+    boundaries = {epoch * steps_per_epoch - warmup_steps: config.lr_decay_factor
+                  for epoch in configuration.decay_epochs(config.lr_decay_epochs)}
+    constant = optax.piecewise_constant_schedule(config.learning_rate, boundaries)
+    if not warmup_steps:
+      return constant
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, config.learning_rate, warmup_steps), constant],
+        [warmup_steps])
   if warmup_steps:
-    learning_rate_fn = optax.warmup_cosine_decay_schedule(
+    return optax.warmup_cosine_decay_schedule(
         0.0, config.learning_rate, warmup_steps, total_steps, end_value=0.0)
-  else:
-    learning_rate_fn = optax.cosine_decay_schedule(config.learning_rate, total_steps)
+  return optax.cosine_decay_schedule(config.learning_rate, total_steps)
+
+
+def make_optimizer(config, steps_per_epoch: int) -> tuple[optax.GradientTransformation, Callable]:
+  learning_rate_fn = learning_rate_schedule(config, steps_per_epoch)
   tx = optax.chain(
       optax.add_decayed_weights(config.weight_decay, mask=_weight_decay_mask),
       optax.sgd(learning_rate_fn, momentum=config.momentum or None))

@@ -264,3 +264,36 @@ def test_stage2_inherits_skip_corrupt_and_keeps_cross_entropy(tmp_path):
   with pytest.raises(configuration.ConfigError, match="config.loss='focal': stage 2 trains its "
                      'head with cross-entropy'):
     configuration.resolve(config)
+
+
+def test_step_schedule_matches_cao_et_al_and_checks_its_epochs():
+  from imbal_jax import stages
+  config = load_config('stage1', 'cifar10_lt')
+  assert (config.lr_schedule, config.lr_decay_epochs, config.lr_decay_factor) == (
+      'step', '160,180', 0.01)
+  schedule = stages.learning_rate_schedule(config, steps_per_epoch=10)
+  # Cao et al.'s adjust_learning_rate, per step: a linear warm-up over 5 epochs from 0,
+  # then lr 0.1, times 0.01 from epoch 160, times 0.0001 from epoch 180.
+  def reference(step):
+    if step < 50:
+      return 0.1 * step / 50
+    return 0.1 * (1.0 if step < 1600 else 0.01 if step < 1800 else 0.0001)
+  for step in (0, 1, 25, 49, 50, 51, 1000, 1599, 1600, 1601, 1799, 1800, 1999):
+    np.testing.assert_allclose(float(schedule(step)), reference(step), rtol=1e-5, atol=1e-12)
+  config.warmup_epochs = 0
+  no_warmup = stages.learning_rate_schedule(config, 10)
+  assert [float(no_warmup(s)) for s in (0, 1599, 1600, 1800)] == pytest.approx(
+      [0.1, 0.1, 0.001, 0.00001])
+  # Stage 2 re-trains its head on the cosine schedule, whatever stage 1's preset.
+  assert load_config('stage2', 'cifar10_lt').lr_schedule == 'cosine'
+  for epochs, message in (('180,160', 'ascending'), ('x', 'ascending'), ('', 'ascending'),
+                          ('3,180', 'must lie after config.warmup_epochs=5'),
+                          ('160,200', 'before config.num_epochs=200')):
+    bad = load_config('stage1', 'cifar10_lt')
+    bad.lr_decay_epochs = epochs
+    with pytest.raises(configuration.ConfigError, match=f'lr_decay_epochs.*{message}'):
+      configuration.resolve(bad)
+  bad = load_config('stage1', 'cifar10_lt')
+  bad.lr_schedule = 'linear'
+  with pytest.raises(configuration.ConfigError, match='lr_schedule'):
+    configuration.resolve(bad)
