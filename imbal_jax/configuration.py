@@ -35,6 +35,26 @@ def load_config_file(path: pathlib.Path, module_name: str):
   return module
 
 
+def keep_ratio_for_its_data(config, preset_dataset: str, overridden) -> str | None:
+  """A stage-1 preset's imbalance_ratio subsamples the preset's own data set. Where
+  `overridden` (the fields set on the command line) names another config.dataset
+  and no imbalance_ratio, the ratio is dropped (None: the data as it is), and the
+  returned note says so; otherwise None and `config` is left as it is.
+
+  Without this the default preset's ratio 10 (digits) would quietly cut a user's
+  own folder of images down to a long-tail profile, its rarest class first.
+  """
+  if (config.get('stage') != 'stage1' or 'dataset' not in overridden
+      or 'imbalance_ratio' in overridden or config.dataset == preset_dataset
+      or config.get('imbalance_ratio') is None):
+    return None
+  ratio, config.imbalance_ratio = config.imbalance_ratio, None
+  return (f"config.imbalance_ratio={ratio:g} is the preset's, for its data set "
+          f"{preset_dataset!r}; with config.dataset={config.dataset!r} the training split is "
+          'kept as it is (imbalance_ratio=None). Set --config.imbalance_ratio=R to subsample '
+          'it to the long-tail profile of ratio R.')
+
+
 def default_config(stage: str) -> dict:
   """configs/STAGE.py's config with no preset named, as a dict; {} without the file."""
   path = CONFIGS / f'{stage}.py'

@@ -248,6 +248,11 @@ def plan_experiment(preset: str, seeds: int, workdir: str | pathlib.Path,
   except ValueError as error:
     raise ExperimentError(f'--preset={preset}: {error}') from None
   parsed = parse_overrides(overrides, bases)
+  # As on imbal_jax.main's command line: the preset's ratio is for its own data set.
+  probe = copy.deepcopy(bases['stage1'])
+  _set_fields(probe, parsed['stage1'], '--override')
+  if configuration.keep_ratio_for_its_data(probe, bases['stage1'].dataset, parsed['stage1']):
+    parsed['stage1']['imbalance_ratio'] = None
   methods, unavailable = _available(methods, bases, method_names, preset)
   for method in methods:
     for stage, values in (('stage1', method.stage1), ('stage2', method.stage2 or {})):

@@ -8,6 +8,7 @@ or detected under SLURM, Open MPI and on Cloud TPU).
 """
 
 import os
+import pathlib
 import re
 import sys
 
@@ -108,6 +109,16 @@ def parse_flags(argv):
     sys.exit(2)
   for field in set_to_none:
     FLAGS.config[field] = None
+  overridden = set(config_flags.get_override_values(FLAGS['config'])) | set(set_to_none)
+  if config_path and 'dataset' in overridden and FLAGS.config.get('stage') == 'stage1':
+    from imbal_jax import configuration
+    path, _, preset = config_path.partition(':')
+    preset_config = configuration.load_config_file(
+        pathlib.Path(path), 'imbal_jax_preset').get_config(preset or None)
+    note = configuration.keep_ratio_for_its_data(FLAGS.config, preset_config.dataset,
+                                                  overridden)
+    if note:
+      print(f'note: {note}')
   return remaining
 
 

@@ -170,6 +170,40 @@ def test_imbalance_ratio_none_on_the_command_line():
     assert result.stdout.split() == ['None', '3'], result.stderr[-2000:]
 
 
+def test_a_presets_ratio_stays_with_its_data_set_on_the_command_line():
+  code = ('import sys; from imbal_jax import main; main.parse_flags(sys.argv); '
+          'print(repr(main.FLAGS.config.imbalance_ratio))')
+  cases = [  # (config, flags, the ratio, whether the note is printed)
+      ('configs/stage1.py', ['--config.dataset=folder', '--config.data_path=x'], 'None', True),
+      ('configs/stage1.py', ['--config.dataset=folder', '--config.imbalance_ratio=5'], '5.0',
+       False),
+      ('configs/stage1.py:fashion_mnist_lt', ['--config.dataset=idx'], '100.0', False),
+      ('configs/stage1.py', [], '10.0', False)]
+  for config, extra, ratio, noted in cases:
+    result = subprocess.run([sys.executable, '-c', code, f'--config={config}',
+                             '--workdir=unused', *extra],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    lines = result.stdout.splitlines()
+    assert lines[-1] == ratio, (config, extra, result.stdout, result.stderr[-2000:])
+    assert any(line.startswith("note: config.imbalance_ratio=10 is the preset's, for its data "
+                               "set 'digits'; with config.dataset='folder'") for line in lines) \
+        == noted, lines
+
+
+def test_keep_ratio_for_its_data_leaves_chosen_ratios_and_stage2_alone():
+  config = load_config('stage1')
+  config.dataset = 'csv'
+  assert configuration.keep_ratio_for_its_data(config, 'digits', {'dataset'}) is not None
+  assert config.imbalance_ratio is None
+  for overridden in ({'data_path'}, {'dataset', 'imbalance_ratio'}):
+    config = load_config('stage1')
+    config.dataset = 'csv'
+    assert configuration.keep_ratio_for_its_data(config, 'digits', overridden) is None
+    assert config.imbalance_ratio == 10
+  config = load_config('stage2')
+  assert configuration.keep_ratio_for_its_data(config, 'digits', {'dataset'}) is None
+
+
 def test_metric_only_encoder_needs_a_metric_loss_weight():
   config = load_config('stage1')
   config.update(classification_trains_encoder=False, contrastive_weight=0.0)

@@ -258,6 +258,17 @@ def test_none_is_a_value_of_text_fields(tmp_path):
   assert parsed['stage2'] == {'augment': 'none'}
 
 
+def test_a_dataset_override_keeps_its_data_as_it_is_unless_a_ratio_is_given(tmp_path):
+  plan = experiment_plan.plan_experiment('digits_lt', 1, tmp_path / 'x', ['CE'],
+                                         ['dataset=csv', 'data_path=list.csv', 'image_size=8'])
+  [run] = plan.runs
+  assert run.config.imbalance_ratio is None and '--config.imbalance_ratio=None' in run.command
+  plan = experiment_plan.plan_experiment('digits_lt', 1, tmp_path / 'y', ['CE'],
+                                         ['dataset=csv', 'data_path=list.csv', 'image_size=8',
+                                          'imbalance_ratio=4'])
+  assert plan.runs[0].config.imbalance_ratio == 4
+
+
 def test_a_plain_loss_override_is_stage1s():
   bases = {stage: configuration.load_config_file(configuration.CONFIGS / f'{stage}.py',
                                                  f'test_loss_{stage}').get_config('digits_lt')
