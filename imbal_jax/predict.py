@@ -58,19 +58,27 @@ def _has_model(run_dir: pathlib.Path) -> bool:
 
 
 def find_run(workdir: str | pathlib.Path) -> pathlib.Path:
-  """The run to predict with: DIR/stage2, DIR or DIR/stage1, the first with a trained model."""
+  """The run to predict with: DIR/stage2, DIR or DIR/stage1, the first that finished
+  (wrote its report.json); where none has, the first with a trained model (is_finished
+  tells the caller)."""
   workdir = pathlib.Path(workdir)
   if not workdir.is_dir():
     raise PredictError(f'--workdir={workdir} is not a directory; point it at the workdir of a '
                        'training run (python -m imbal_jax.main ... --workdir=DIR).')
-  for candidate in (workdir / 'stage2', workdir, workdir / 'stage1'):
-    if _has_model(candidate):
-      return candidate
+  trained = [c for c in (workdir / 'stage2', workdir, workdir / 'stage1') if _has_model(c)]
+  finished = [c for c in trained if is_finished(c)]
+  if finished or trained:
+    return (finished or trained)[0]
   raise PredictError(
       f'{workdir} holds no trained model: no config.json with a finished best/ checkpoint in it, '
       f'nor in its stage2/ or stage1/ sub-folders. Train first, e.g. python -m imbal_jax.main '
       f'--config=configs/stage1.py --workdir={workdir} (a run saves best/ at its first '
       'evaluation).')
+
+
+def is_finished(run_dir: pathlib.Path) -> bool:
+  """Whether the run trained to its end (its report.json is written last)."""
+  return (run_dir / 'report.json').is_file()
 
 
 def _read_json(path: pathlib.Path) -> dict[str, Any]:
@@ -275,6 +283,9 @@ def predict(workdir: str | pathlib.Path, input_path: str | pathlib.Path,
   selection = model.selection
   print(f'Model: {run_dir} ({model.stage}, selected at step {selection.get("step")} on '
         f'validation {selection.get("metric")} {selection.get("score", float("nan")):.4f}).')
+  if not is_finished(run_dir):
+    print(f'note: {run_dir} has not finished training (no report.json): predicting with the '
+          'best model it selected so far. Rerun its training command to finish it.')
   for note in inputs.notes:
     print(f'note: {note}')
   predictions = run(model, inputs, batch_size)

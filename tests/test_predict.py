@@ -109,7 +109,7 @@ def test_test_split_npz_reproduces_the_runs_evaluation(root, digits_test, tmp_pa
   np.testing.assert_allclose(written.sum(axis=1), 1.0, atol=1e-5)
 
 
-def test_parent_folder_prefers_trained_stage2(root, digits_test, tmp_path):
+def test_parent_folder_prefers_trained_stage2(root, digits_test, tmp_path, capsys):
   images, labels = digits_test
   np.savez(tmp_path / 'test.npz', images=images)
   predictions, path, model = predict.predict(root, tmp_path / 'test.npz', batch_size=128)
@@ -133,6 +133,19 @@ def test_parent_folder_prefers_trained_stage2(root, digits_test, tmp_path):
   assert predict.find_run(parent) == parent / 'stage1'
   assert predict.find_run(root / 'stage1') == root / 'stage1'
   assert predict.find_run(root / 'stage2') == root / 'stage2'
+  # A stage 2 stopped before its end gives way to a finished stage 1; alone, it is used,
+  # and said to be unfinished.
+  import shutil
+  unfinished = tmp_path / 'unfinished'
+  shutil.copytree(root / 'stage2', unfinished / 'stage2')
+  (unfinished / 'stage2' / 'report.json').unlink()
+  (unfinished / 'stage1').symlink_to(root / 'stage1')
+  assert predict.find_run(unfinished) == unfinished / 'stage1'
+  capsys.readouterr()
+  predict.predict(unfinished / 'stage2', tmp_path / 'three.npz', tmp_path / 'u.csv',
+                  batch_size=128)
+  assert (f'note: {unfinished / "stage2"} has not finished training (no report.json)'
+          in capsys.readouterr().out)
 
 
 def write_png(path, image, mode):
