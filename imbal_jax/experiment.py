@@ -170,7 +170,8 @@ def execute(plan: Plan, command_line: str = '') -> int:
       save()
       print(f'imbal_jax.experiment: {run.error}; rerun the same command to continue.',
             file=sys.stderr)
-      return workdir_lib.PREEMPTED_EXIT_CODE if isinstance(error, workdir_lib.Preempted) else 130
+      return error.exit_code if isinstance(error, workdir_lib.Preempted) else \
+          workdir_lib.INTERRUPTED_EXIT_CODE
     except DataError as error:  # every run reads the same data: stop here
       run.status, run.error = 'failed', f'data error: {error}'
       save()

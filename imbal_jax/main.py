@@ -44,7 +44,7 @@ def main(argv):
       (DataError, 'data error: ', 2),
       (workdir.WorkdirError, 'workdir error: ', 2),
       (checkpoint.CheckpointError, 'checkpoint error: ', 2),
-      (workdir.Preempted, '', workdir.PREEMPTED_EXIT_CODE),
+      (workdir.Preempted, '', None),  # its own exit code: 143 (SIGTERM) or 130 (Ctrl-C)
       (FloatingPointError, 'training stopped: ', 3),
   )
   try:
@@ -58,7 +58,11 @@ def main(argv):
   except tuple(kind for kind, _, _ in expected) as error:
     _, label, code = next(entry for entry in expected if isinstance(error, entry[0]))
     print(f'imbal_jax: {label}{error}', file=sys.stderr)
-    sys.exit(code)
+    sys.exit(code if code is not None else error.exit_code)
+  except KeyboardInterrupt:  # Ctrl-C before the training loop, or a second one within it
+    print('imbal_jax: interrupted (Ctrl-C); rerun the same command to continue from the last '
+          'complete checkpoint, if any.', file=sys.stderr)
+    sys.exit(workdir.INTERRUPTED_EXIT_CODE)
 
 
 # How None is written for configuration.NULLABLE_FIELDS on the command line; absl would

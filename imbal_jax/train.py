@@ -366,7 +366,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         progress.close()
         ckpt.wait()
         ckpt.close()
-        raise workdir_lib.Preempted(done, workdir)
+        raise workdir_lib.Preempted(done, workdir, stop.signal_name)
       if epoch_done:  # Throughput counts training steps only, not evaluation or saving.
         last_log_time, last_log_step = time.perf_counter(), done
   progress.close()

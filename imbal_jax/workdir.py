@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import pathlib
 import signal
+import sys
 import threading
 
 import jax
@@ -26,6 +27,7 @@ from imbal_jax import atomic
 HARMLESS_FIELDS = {'log_every_steps', 'eval_batch_size', 'data_workers', 'checkpoint_every_epochs',
                    'eval_every_epochs'}
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what schedulers expect from a terminated job
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT (Ctrl-C)
 
 
 # Fields whose change --force allows only where it keeps the shape of the saved train
@@ -43,12 +45,15 @@ class WorkdirError(ValueError):
 
 
 class Preempted(Exception):
-  """SIGTERM arrived; a checkpoint was saved at `step`."""
+  """SIGTERM (or, in one process, Ctrl-C) arrived; a checkpoint was saved at `step`."""
 
-  def __init__(self, step: int, workdir: pathlib.Path):
-    super().__init__(f'pre-empted (SIGTERM): saved a checkpoint at step {step} in '
+  def __init__(self, step: int, workdir: pathlib.Path, signal_name: str = 'SIGTERM'):
+    what = 'pre-empted (SIGTERM)' if signal_name == 'SIGTERM' else 'interrupted (Ctrl-C)'
+    super().__init__(f'{what}: saved a checkpoint at step {step} in '
                      f'{workdir / "checkpoints"}; rerun the same command to continue.')
     self.step = step
+    # What a shell expects of a process the signal stopped: 128 + its number.
+    self.exit_code = PREEMPTED_EXIT_CODE if signal_name == 'SIGTERM' else INTERRUPTED_EXIT_CODE
 
 
 STAGE1_RECORD = 'stage1.json'
@@ -187,18 +192,35 @@ class StopRequest:
 
   def __init__(self):
     self._event = threading.Event()
-    self._previous = None
+    self._previous = {}
     self._collective = False
+    self.signal_name = 'SIGTERM'  # the signal that asked, once one has
 
   def __enter__(self) -> 'StopRequest':
     self._collective = jax.process_count() > 1 and jax.distributed.is_initialized()
     if not self._collective and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._event.set())
+      self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_sigterm)
+      # Ctrl-C too, in one process: a person at a terminal presses it. A second Ctrl-C
+      # gets the handler from before (Python's KeyboardInterrupt): it stops at once.
+      self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_sigint)
     return self
 
+  def _on_sigterm(self, *_) -> None:
+    self.signal_name = 'SIGTERM'
+    self._event.set()
+
+  def _on_sigint(self, *_) -> None:
+    if not self._event.is_set():
+      self.signal_name = 'SIGINT'
+    self._event.set()
+    signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
+    print('\nCtrl-C: saving a checkpoint after this step (Ctrl-C again stops at once, '
+          'without it).', file=sys.stderr, flush=True)
+
   def __exit__(self, *exc_info) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for number, previous in self._previous.items():
+      signal.signal(number, previous)
+    self._previous = {}
 
   def reached(self, step: int) -> bool:
     """Whether to checkpoint and stop after `step`; call it once after every step, in order."""

@@ -1,6 +1,7 @@
 """Faults really caused: kill -9, SIGTERM, NaN, corrupt checkpoints, config mix-ups."""
 
 import json
+import pathlib
 import re
 import shutil
 import signal
@@ -279,3 +280,33 @@ def check_forced(saved, now):
   with tempfile.TemporaryDirectory() as tmp:
     (pathlib.Path(tmp) / 'config.json').write_text(json.dumps(saved))
     workdir.check_config(pathlib.Path(tmp), now, force=True)
+
+
+@pytest.fixture
+def python_sigint_handler():
+  # A pytest-xdist worker may ignore SIGINT; a command starts with Python's handler.
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  yield
+  signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_asks_for_a_checkpoint_once_and_a_second_one_stops_at_once(
+    capsys, python_sigint_handler):
+  import os
+  with workdir.StopRequest() as stop:
+    assert not stop.reached(1)
+    os.kill(os.getpid(), signal.SIGINT)
+    assert stop.reached(2) and stop.signal_name == 'SIGINT'
+    assert 'Ctrl-C: saving a checkpoint after this step' in capsys.readouterr().err
+    with pytest.raises(KeyboardInterrupt):  # Python's own handler again
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(1)  # the handler runs between bytecodes; it cannot get past this
+  # Left as they were found.
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  error = workdir.Preempted(7, pathlib.Path('/w'), stop.signal_name)
+  assert error.exit_code == 130 and str(error).startswith('interrupted (Ctrl-C): saved a '
+                                                         'checkpoint at step 7')
+  assert workdir.Preempted(7, pathlib.Path('/w')).exit_code == 143
+  with workdir.StopRequest() as stop:
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert stop.reached(1) and stop.signal_name == 'SIGTERM'
