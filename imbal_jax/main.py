@@ -90,8 +90,10 @@ def parse_flags(argv):
     kept.append(arg)
   config_path = next((a.partition('=')[2] for a in argv if a.startswith('--config=')), None)
   if config_path and not os.path.isfile(config_path.split(':')[0]):
-    _config_error(f'--config={config_path}: {config_path.split(":")[0]} is not a file; name '
-                  'configs/stage1.py or configs/stage2.py (a preset after a colon).')
+    configs = pathlib.Path(__file__).resolve().parents[1] / 'configs'
+    _config_error(f'--config={config_path}: {config_path.split(":")[0]} is not a file (relative '
+                  f'to the current directory {os.getcwd()}); name {configs / "stage1.py"} or '
+                  f'{configs / "stage2.py"} (a preset after a colon), or run from {configs.parent}.')
   try:
     remaining = FLAGS(kept)
   except flags.IllegalFlagValueError as error:

@@ -146,7 +146,8 @@ def test_main_reports_config_error_without_traceback(tmp_path):
     (['--config=configs/stage1.py:ham1000'],
      "--config=configs/stage1.py:ham1000: unknown preset 'ham1000'; choose one of digits_lt, "
      'ham10000'),
-    (['--config=configs/stage3.py'], '--config=configs/stage3.py: configs/stage3.py is not a file'),
+    (['--config=configs/stage3.py'], f'--config=configs/stage3.py: configs/stage3.py is not a '
+     f'file (relative to the current directory {ROOT}); name {ROOT / "configs" / "stage1.py"}'),
     (['--config=configs/stage1.py', '--config.num_epochs=abc'], '--config.num_epochs=abc'),
 ])
 def test_main_reports_a_bad_config_flag_in_one_line(tmp_path, args, message):

@@ -71,8 +71,12 @@ def test_medmnist_bad_files_name_the_problem(tmp_path, overrides, message):
 
 
 def test_medmnist_missing_and_unreadable_files(tmp_path):
-  with pytest.raises(DataError, match='does not exist'):
+  with pytest.raises(DataError, match=r"nope.npz' does not exist; set it"):  # absolute
     readers.medmnist(cfg(data_path=str(tmp_path / 'nope.npz')))
+  # A relative path names the directory it is relative to.
+  with pytest.raises(DataError, match=r"'no/such.npz' does not exist \(relative to the current "
+                                      r'directory /'):
+    readers.medmnist(cfg(data_path='no/such.npz'))
   (tmp_path / 'junk.npz').write_bytes(b'not a zip file')
   with pytest.raises(DataError, match='junk.npz: not a readable .npz'):
     readers.medmnist(cfg(data_path=str(tmp_path / 'junk.npz')))

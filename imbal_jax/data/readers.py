@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import os
 import pathlib
 import struct
 import zlib
@@ -50,7 +51,8 @@ def _require(path: str, field: str, what: str) -> pathlib.Path:
     raise DataError(f'config.{field} is empty; set it to {what}.')
   resolved = pathlib.Path(path).expanduser()
   if not resolved.exists():
-    raise DataError(f'config.{field}={path!r} does not exist; set it to {what}.')
+    where = '' if resolved.is_absolute() else f' (relative to the current directory {os.getcwd()})'
+    raise DataError(f'config.{field}={path!r} does not exist{where}; set it to {what}.')
   return resolved
 
 
