@@ -17,8 +17,8 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from imbal_jax import reporting
-from imbal_jax.data import readers
+from imbal_jax import configuration, reporting
+from imbal_jax.data import readers, sources
 from imbal_jax.data.sources import DataError
 
 FLAGS = flags.FLAGS
@@ -55,6 +55,16 @@ def prepare(dataset: str, data_path: str, output: str, image_size: int, labels_c
                                           image_size=image_size, skip_corrupt=skip_corrupt,
                                           groups_csv=groups_csv))
   source = readers.READERS[dataset](config)
+  # prepare carves no splits (the training run does, with its own fractions), but a
+  # class too small for the default ones is worth knowing now, not at training time.
+  # Said by the command, not kept in the cache's notes, which every training run repeats.
+  defaults = configuration.default_config('stage1')
+  split_warning = None
+  try:
+    sources.make_spec(source, None, 0, 0, defaults['val_fraction'], defaults['test_fraction'])
+  except DataError as error:
+    split_warning = (f'with the default split fractions (val {defaults["val_fraction"]}, test '
+                     f'{defaults["test_fraction"]}), training on this cache would stop: {error}')
   present = [(code, source.parts[part]) for code, part in enumerate(('train', 'val', 'test'))
              if part in source.parts]
   total = sum(len(split) for _, split in present)
@@ -81,7 +91,7 @@ def prepare(dataset: str, data_path: str, output: str, image_size: int, labels_c
                                       minlength=len(source.class_names)).tolist(),
           'source': {'dataset': dataset, 'data_path': str(data_path), 'labels_csv': labels_csv,
                      'groups_csv': groups_csv},
-          'notes': list(source.notes)}
+          'notes': list(source.notes), 'split_warning': split_warning}
   reporting.write_json(output / 'meta.json', meta)
   return meta
 
@@ -97,6 +107,8 @@ def main(argv):
   print(json.dumps({k: meta[k] for k in ('name', 'count', 'class_names', 'class_counts')}))
   for note in meta['notes']:
     print(f'note: {note}')
+  if meta['split_warning']:
+    print(f'note: {meta["split_warning"]}')
   print(f'Prepared {meta["count"]} images in {FLAGS.output}; train with '
         f'--config.dataset=prepared --config.data_path={FLAGS.output}')
 

@@ -130,8 +130,13 @@ def test_protocol_subsamples_natural_data_by_count_rank():
 
 
 def test_protocol_rejects_class_too_small_to_split():
-  with pytest.raises(sources.DataError, match="class 'c2' has only 1 image"):
+  with pytest.raises(sources.DataError, match="class 'c2' has only 1 image\\(s\\): too few to "
+                     'split off a test split'):
     sources.make_spec(make_source([50, 50, 1]), None, 0, 0, 0.1, 0.2)
+  # Two images: the test split takes one, and the one left cannot give a val split too.
+  with pytest.raises(sources.DataError, match="class 'c2' has only 1 image\\(s\\) left after "
+                     'the test split: too few to split off a val split'):
+    sources.make_spec(make_source([50, 50, 2]), None, 0, 0, 0.1, 0.2)
 
 
 def test_build_rejects_class_without_training_image():
@@ -338,7 +343,8 @@ def test_fingerprint_names_what_changed_in_the_source():
   assert sources.source_fingerprint(make_source([50, 30, 10])) == saved
   sources.check_fingerprint(saved, saved, 'toy', 'data.json')  # unchanged: accepted
   grown = sources.source_fingerprint(make_source([51, 30, 10]))
-  with pytest.raises(sources.DataError, match='train part had 90 images, now 91'):
+  with pytest.raises(sources.DataError, match=r'its images \(all of them, before the splits are '
+                                             r'carved\) were 90, now 91'):
     sources.check_fingerprint(saved, grown, 'toy', 'data.json')
   # Same count, one image moved from class 1 to class 0: other labels at the same rows.
   with pytest.raises(sources.DataError, match='same 90 images but other labels or order'):

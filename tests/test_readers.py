@@ -281,13 +281,19 @@ def test_a_class_too_small_to_split_is_refused_by_name_before_decoding(tmp_path,
   monkeypatch.setattr(imagefiles, 'decode_image', lambda *a: decoded.append(a) or original(*a))
   training = cfg(data_path=str(tmp_path / 'data'), image_size=4, seed=0, split_seed=0,
                  val_fraction=0.1, test_fraction=0.2)
-  with pytest.raises(DataError, match=r"class 'rare' has only 1 image\(s\) left: too few to "
+  with pytest.raises(DataError, match=r"class 'rare' has only 1 image\(s\): too few to "
                                       'split off a test split'):
     readers.folder(training)
   assert not decoded
-  # prepare does not split (the training run's config does), so it reads the folder.
+  # prepare does not split (the training run's config does), so it reads the folder, and
+  # says what training with the default fractions would say, outside the cache's notes.
   readers.folder(cfg(data_path=str(tmp_path / 'data'), image_size=4))
   assert len(decoded) == 10
+  meta = prepare.prepare('folder', str(tmp_path / 'data'), str(tmp_path / 'cache'), image_size=4)
+  assert meta['split_warning'].startswith('with the default split fractions (val 0.1, test 0.2), '
+                                          "training on this cache would stop: class 'rare'")
+  assert not any('split' in note for note in
+                 readers.prepared(cfg(data_path=str(tmp_path / 'cache'))).notes)
 
 
 def test_prepare_writes_a_cache_that_reads_back_identically(tmp_path):

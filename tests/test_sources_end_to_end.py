@@ -108,8 +108,8 @@ def test_an_image_added_to_the_folder_is_refused_on_resume(tmp_path):
     np.testing.assert_array_equal(resumed.splits[split].index, dataset.splits[split].index)
   Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(tmp_path / 'images' / 'class_0' / '00.png')
   with pytest.raises(train.sources.DataError, match=r"config.dataset='folder' at .*images "
-                     r"changed since .*data.json was written: its train part had 40 images, "
-                     r"now 41"):
+                     r"changed since .*data.json was written: its images \(all of them, "
+                     r"before the splits are carved\) were 40, now 41"):
     train.load_dataset(config, workdir)
 
 

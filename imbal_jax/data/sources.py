@@ -120,21 +120,23 @@ class Dataset:
 
 def stratified_split(labels: np.ndarray, num_classes: int, fraction: float, seed: int,
                      what: str, groups: np.ndarray | None = None,
-                     class_names: tuple[str, ...] | None = None
+                     class_names: tuple[str, ...] | None = None, after: str = ''
                      ) -> tuple[np.ndarray, np.ndarray]:
   """(held_out, rest): `fraction` of each class (at least one image), seeded.
 
   With `groups` (one id per image), whole groups are held out, class by class, until
   the class's share is reached: a group's images never straddle the two. `class_names`
-  only names the classes in errors.
+  and `after` (the split carved before this one, if any) only word the errors.
   """
+  left = f' left after the {after} split' if after else ''
   rng = np.random.default_rng(seed)
 
   def name(c):
     return f'class {c}' if class_names is None else f'class {class_names[c]!r}'
 
   if groups is not None:
-    return _grouped_split(labels, num_classes, fraction, rng, what, np.asarray(groups), name)
+    return _grouped_split(labels, num_classes, fraction, rng, what, np.asarray(groups), name,
+                          left)
   held = []
   for c in range(num_classes):
     members = np.flatnonzero(labels == c)
@@ -143,14 +145,14 @@ def stratified_split(labels: np.ndarray, num_classes: int, fraction: float, seed
     take = max(1, int(round(fraction * len(members))))
     if take >= len(members):
       raise DataError(
-          f'{name(c)} has only {len(members)} image(s) left: too few to split off a {what} '
+          f'{name(c)} has only {len(members)} image(s){left}: too few to split off a {what} '
           f'split and keep some for training. Add images of that class or remove it.')
     held.append(rng.choice(members, size=take, replace=False))
   held = np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64)
   return held, np.setdiff1d(np.arange(len(labels)), held)
 
 
-def _grouped_split(labels, num_classes, fraction, rng, what, groups, name):
+def _grouped_split(labels, num_classes, fraction, rng, what, groups, name, left):
   ids, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
   group_labels = np.asarray(labels)[first]
   mixed = np.unique(inverse[labels != group_labels[inverse]])
@@ -170,7 +172,7 @@ def _grouped_split(labels, num_classes, fraction, rng, what, groups, name):
     count = int(np.searchsorted(np.cumsum(sizes[order]), target)) + 1
     if count >= len(members):
       raise DataError(
-          f'{name(c)} has only {len(members)} group(s) ({sizes[members].sum()} images) left: '
+          f'{name(c)} has only {len(members)} group(s) ({sizes[members].sum()} images){left}: '
           f'too few to split off a {what} split by group and keep some for training. Add '
           'images of that class or remove it.')
     held_groups.append(order[:count])
@@ -189,14 +191,16 @@ def make_spec(source: Source, imbalance_ratio: float | None, seed: int, split_se
   num_classes = len(source.class_names)
   train_labels = source.parts['train'].labels
   pool = np.arange(len(train_labels))
-  spec = {}
+  spec, carved = {}, ''
   for split, fraction, salt in (('test', test_fraction, 1), ('val', val_fraction, 2)):
     if split in source.parts:
       spec[split] = {'part': split, 'rows': np.arange(len(source.parts[split]))}
     else:
       held, rest = stratified_split(
           train_labels[pool], num_classes, fraction, split_seed * 1000 + salt, split,
-          None if source.groups is None else source.groups[pool], source.class_names)
+          None if source.groups is None else source.groups[pool], source.class_names,
+          after=carved)
+      carved = split
       spec[split] = {'part': 'train', 'rows': pool[held]}
       pool = pool[rest]
   if imbalance_ratio is not None:
@@ -274,7 +278,13 @@ def check_fingerprint(saved: dict[str, dict[str, Any]], found: dict[str, dict[st
       change = (f'has a {name} part it did not have' if before is None
                 else f'no longer has its {name} part')
     elif before['images'] != now['images']:
-      change = f"{name} part had {before['images']} images, now {now['images']}"
+      # A source without its own val and test parts has one 'train' part: all its images,
+      # before any split is carved from them.
+      if len(found) > 1 or name != 'train':
+        change = f"{name} part had {before['images']} images, now {now['images']}"
+      else:
+        change = (f"images (all of them, before the splits are carved) were "
+                  f"{before['images']}, now {now['images']}")
     else:
       change = f"{name} part has the same {now['images']} images but other labels or order"
     raise DataError(
