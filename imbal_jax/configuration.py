@@ -218,7 +218,8 @@ def resolve(config: ml_collections.ConfigDict,
                       "training-count thresholds 'HIGH,LOW' such as '100,20'.")
   for field in ('val_fraction', 'test_fraction'):
     if not 0 < config[field] < 1:
-      raise ConfigError(f'config.{field}={config[field]} must be between 0 and 1.')
+      raise ConfigError(f'config.{field}={config[field]} must be strictly between 0 and 1 '
+                        '(every run needs a validation and a test split).')
   if config.imbalance_ratio is not None and config.imbalance_ratio < 1:
     raise ConfigError(f'config.imbalance_ratio={config.imbalance_ratio} must be >= 1 '
                       '(largest class count / smallest), or None to keep the distribution '
@@ -238,7 +239,8 @@ def resolve(config: ml_collections.ConfigDict,
     _check_positive(config, 'lr_decay_factor')
   if config.warmup_epochs >= config.num_epochs and config.warmup_epochs > 0:
     raise ConfigError(f'config.warmup_epochs={config.warmup_epochs} must be smaller than '
-                      f'config.num_epochs={config.num_epochs}.')
+                      f'config.num_epochs={config.num_epochs}: set --config.warmup_epochs='
+                      f'{max(0, config.num_epochs - 1)} (0: no warm-up) or more epochs.')
   if config.stage == 'stage2':
     _check_choice(config, 'stage2_method', classifiers.METHODS)
     _check_positive(config, 'tau_grid_max', allow_zero=True)

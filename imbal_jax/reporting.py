@@ -173,9 +173,16 @@ def format_report(report: dict[str, Any]) -> str:
   Percentages, except MCC and kappa (in [-1, 1]); '—' marks an undefined value.
   """
   splits = [s for s in ('val', 'test') if s in report]
-  lines = [f"{report['stage']} on {report['dataset']}: model selected on "
-           f"{report['selection']['split']} {report['selection']['metric']} at step "
-           f"{report['selection']['step']} (epoch {report['selection']['epoch']})", '']
+  selection, method = report['selection'], report.get('stage2', {})
+  if 'tau' in method:  # a closed-form stage 2: fitted, not trained step by step
+    chosen = (f"{method['method']} with tau={method['tau']:g}, chosen on {selection['split']} "
+              f"{selection['metric']}")
+  elif 'scale' in method:
+    chosen = f"{method['method']} (scale {method['scale']:g}), fitted on the training features"
+  else:
+    chosen = (f"model selected on {selection['split']} {selection['metric']} at step "
+              f"{selection['step']} (epoch {selection['epoch']})")
+  lines = [f"{report['stage']} on {report['dataset']}: {chosen}", '']
   header = f"{'':18}" + ''.join(f'{s:>10}' for s in splits)
   lines.append(header)
   for label, value, formatter in _SUMMARY_ROWS:

@@ -22,7 +22,10 @@ def load_config(name, arg=None):
 @pytest.mark.parametrize('field,value,message', [
     ('dataset', 'imagenet', r"config.dataset='imagenet' is not known"),
     ('augment', 'crop+mixup', r"config.augment='crop\+mixup': unknown operation"),
-    ('val_fraction', 1.5, r'config.val_fraction=1.5 must be between 0 and 1'),
+    ('val_fraction', 1.5, r'config.val_fraction=1.5 must be strictly between 0 and 1'),
+    ('test_fraction', 0.0, r'config.test_fraction=0.0 must be strictly between 0 and 1'),
+    ('num_epochs', 2, r'config.warmup_epochs=2 must be smaller than config.num_epochs=2: set '
+                      r'--config.warmup_epochs=1 \(0: no warm-up\) or more epochs'),
     ('model', 'vgg', r"config.model='vgg' is not known"),
     ('sampler', 'random', r"config.sampler='random' is not known"),
     ('learning_rate', -0.1, r'config.learning_rate=-0.1 must be > 0'),

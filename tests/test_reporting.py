@@ -122,3 +122,17 @@ def test_atomic_write_that_fails_cleans_up(tmp_path, monkeypatch):
     atomic.write_text(path, 'new')
   assert path.read_text() == 'old'
   assert [p.name for p in tmp_path.iterdir()] == ['a.txt']
+
+
+def test_format_report_names_a_closed_form_fit_instead_of_a_step():
+  report, _ = fake_runs.fake_report(seed=0)
+  first = reporting.format_report(report).splitlines()[0]
+  assert 'model selected on val' in first and 'at step' in first
+  report['stage2'] = {'method': 'tau_norm', 'tau': 1.3, 'val_scores': {}}
+  report['selection'] = {'step': 0, 'epoch': 0, 'split': 'val', 'metric': 'balanced_accuracy',
+                         'score': 0.5}
+  first = reporting.format_report(report).splitlines()[0]
+  assert first.endswith(': tau_norm with tau=1.3, chosen on val balanced_accuracy')
+  report['stage2'] = {'method': 'ncm', 'scale': 16.0}
+  first = reporting.format_report(report).splitlines()[0]
+  assert first.endswith(': ncm (scale 16), fitted on the training features')
