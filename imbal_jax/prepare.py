@@ -85,6 +85,8 @@ def prepare(dataset: str, data_path: str, output: str, image_size: int, labels_c
   np.save(output / 'parts.npy', np.concatenate(parts))
   if source.groups is not None:  # the train part's groups (ISIC has no other part)
     np.save(output / 'groups.npy', np.asarray(source.groups, dtype=str))
+  if source.paths is not None:  # the file of each image (image-file readers: one part)
+    np.save(output / 'paths.npy', np.asarray(source.paths, dtype=str))
   meta = {'name': source.name, 'class_names': list(source.class_names),
           'image_size': image_size, 'count': int(sum(len(l) for l in labels)),
           'class_counts': np.bincount(np.concatenate(labels),

@@ -8,6 +8,7 @@ report.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import itertools
 import json
@@ -16,6 +17,7 @@ import pathlib
 import time
 from typing import Any, Mapping
 
+import numpy as np
 from tensorboardX.event_file_writer import EventsWriter
 from tensorboardX.proto import event_pb2, summary_pb2
 
@@ -111,20 +113,60 @@ def per_class_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
           for row in report[split]['per_class']]
 
 
+@dataclasses.dataclass(frozen=True)
+class SplitPredictions:
+  """The selected model's probabilities on one evaluation split, and where each image is."""
+
+  labels: np.ndarray  # [n]
+  probabilities: np.ndarray  # [n, classes]
+  source_part: str  # the part of the data source the split's images come from
+  source_rows: np.ndarray  # [n] the images' rows in that part
+  paths: np.ndarray | None = None  # [n] their files, where the source knows them
+
+
+def eval_prediction_rows(predictions: Mapping[str, SplitPredictions],
+                         class_names) -> tuple[list[str], list[dict[str, Any]]]:
+  """(header, rows) of eval_predictions.csv: one row per image of each split."""
+  header = ['split', 'row', 'source_part', 'source_row', 'path', 'label', 'label_name',
+            'predicted', 'predicted_name', 'correct', *(f'p_{name}' for name in class_names)]
+  rows = []
+  for split, found in predictions.items():
+    predicted = np.argmax(found.probabilities, axis=-1)
+    for row, (label, guess, probabilities) in enumerate(
+        zip(found.labels, predicted, found.probabilities)):
+      rows.append({'split': split, 'row': row, 'source_part': found.source_part,
+                   'source_row': int(found.source_rows[row]),
+                   'path': None if found.paths is None else str(found.paths[row]),
+                   'label': int(label), 'label_name': class_names[label],
+                   'predicted': int(guess), 'predicted_name': class_names[guess],
+                   'correct': int(label == guess),
+                   **{f'p_{name}': f'{p:.6g}' for name, p in zip(class_names, probabilities)}})
+  return header, rows
+
+
 def write_run_outputs(workdir: str | pathlib.Path, report: Mapping[str, Any],
-                      calibration: Mapping[str, dict]) -> list[pathlib.Path]:
-  """per_class.csv and the pictures of one run, next to its report.json.
+                      calibration: Mapping[str, dict],
+                      predictions: Mapping[str, SplitPredictions] | None = None
+                      ) -> list[pathlib.Path]:
+  """per_class.csv, eval_predictions.csv and the pictures of one run, next to its
+  report.json.
 
   Args:
     workdir: the run directory.
     report: the dict written to report.json (val and test are
       `metrics.summarize` outputs).
     calibration: split name -> `metrics.calibration_bins` output; 'test' is drawn.
+    predictions: split name -> the selected model's SplitPredictions (none: no
+      eval_predictions.csv).
 
   Returns the paths written.
   """
   workdir = pathlib.Path(workdir)
-  return [
+  written = []
+  if predictions:
+    header, rows = eval_prediction_rows(predictions, report['class_names'])
+    written.append(write_csv(workdir / 'eval_predictions.csv', header, rows))
+  return written + [
       write_csv(workdir / 'per_class.csv', PER_CLASS_FIELDS, per_class_rows(report)),
       plots.confusion_matrix_figure(report['test'], report['class_names'],
                                     workdir / 'confusion_matrix_test.png'),

@@ -391,13 +391,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       'selection': selected,
       **stage.extra_report,
   }
-  calibration = {}
+  calibration, predictions = {}, {}
   for split in ('val', 'test'):
     probabilities = evaluate(eval_fn, variables, dataset.splits[split], config.eval_batch_size,
                              mesh)
-    report[split] = metrics.summarize(dataset.splits[split].labels, probabilities,
-                                      dataset.class_names, data_info['counts']['train'], groups)
-    calibration[split] = metrics.calibration_bins(dataset.splits[split].labels, probabilities)
+    labels = dataset.splits[split].labels
+    report[split] = metrics.summarize(labels, probabilities, dataset.class_names,
+                                      data_info['counts']['train'], groups)
+    calibration[split] = metrics.calibration_bins(labels, probabilities)
+    predictions[split] = reporting.SplitPredictions(
+        labels, probabilities, dataset.spec[split]['part'],
+        np.asarray(dataset.spec[split]['rows']), dataset.paths.get(split))
   report['config'] = config.to_dict()
   report['environment'] = _environment()
   if is_writer:
@@ -405,7 +409,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if previous is not None:
       print(f'The earlier report was kept as {previous}.')
     reporting.write_json(workdir / 'report.json', report)
-    written = reporting.write_run_outputs(workdir, report, calibration)
+    written = reporting.write_run_outputs(workdir, report, calibration, predictions)
     print(reporting.format_report(report))
     print(f'\nReport written to {workdir / "report.json"}; also '
           f'{", ".join(p.name for p in written)}.')

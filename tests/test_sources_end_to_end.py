@@ -90,6 +90,23 @@ def test_each_file_source_trains_both_stages(tmp_path, kind):
   if kind == 'isic':  # the CSV's one-hot columns, in file order: 30, 12 and 6 images
     assert sum(stage1['train_counts']) == stage1['split_sizes']['train']
   assert stage2['train_counts'] == stage1['train_counts']
+  # eval_predictions.csv: every val and test image once, its file where the source has one.
+  import csv
+  with (tmp_path / 'stage2' / 'eval_predictions.csv').open() as handle:
+    rows = list(csv.DictReader(handle))
+  for split in ('val', 'test'):
+    mine = [r for r in rows if r['split'] == split]
+    assert [int(r['row']) for r in mine] == list(range(stage2['split_sizes'][split]))
+    assert np.mean([int(r['correct']) for r in mine]) == pytest.approx(
+        stage2[split]['accuracy'], abs=1e-12)
+  assert len({(r['source_part'], r['source_row']) for r in rows}) == len(rows)
+  for row in rows:
+    assert row['label_name'] == names[int(row['label'])]
+    if kind == 'tfds':
+      assert row['path'] == ''
+    else:  # each class has its own colour channel: the file is the row's image
+      pixels = np.asarray(Image.open(row['path']).convert('RGB'), np.float64)
+      assert int(pixels.mean(axis=(0, 1)).argmax()) == int(row['label']), row
 
 
 def test_an_image_added_to_the_folder_is_refused_on_resume(tmp_path):

@@ -64,7 +64,7 @@ def restore_raw(run_dir):
 def no_pictures():
   """Runs here skip their PNGs (most of a tiny run's time; test_plots.py draws them)."""
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(reporting, 'write_run_outputs', lambda workdir, report, calibration: [])
+    patch.setattr(reporting, 'write_run_outputs', lambda workdir, report, calibration, *_: [])
     yield
 
 

@@ -278,7 +278,8 @@ def _image_source(config, name: str, paths, labels, class_names, groups=None,
   notes = tuple(notes) + decode_notes
   labels = np.asarray(labels, np.int32)[kept]
   return Source(name, tuple(class_names), {'train': Split(images, labels)}, notes=notes,
-                groups=None if groups is None else np.asarray(groups)[kept])
+                groups=None if groups is None else np.asarray(groups)[kept],
+                paths=np.asarray([str(p) for p in paths])[kept])
 
 
 def folder(config) -> Source:
@@ -308,7 +309,7 @@ def isic(config) -> Source:
     notes += group_notes
   source = _image_source(config, csv_path.stem, paths, labels, class_names, groups)
   return Source(source.name, source.class_names, source.parts, notes=notes + source.notes,
-                groups=source.groups)
+                groups=source.groups, paths=source.paths)
 
 
 def prepared(config) -> Source:
@@ -348,7 +349,14 @@ def prepared(config) -> Source:
     if 'train' not in splits or len(groups) != len(splits['train']):
       raise DataError(damaged.format(f'groups.npy holds {len(groups)} groups for the '
                                      f'{len(splits.get("train", ()))} training images'))
-  return Source(name, class_names, splits, notes=tuple(meta.get('notes', ())), groups=groups)
+  paths = None
+  if (directory / 'paths.npy').is_file():  # the decoded files, written by prepare
+    paths = np.load(directory / 'paths.npy')
+    if len(paths) != len(splits['train']):
+      raise DataError(damaged.format(f'paths.npy holds {len(paths)} paths for the '
+                                     f'{len(splits["train"])} training images'))
+  return Source(name, class_names, splits, notes=tuple(meta.get('notes', ())), groups=groups,
+                paths=paths)
 
 
 def tfds_source(config) -> Source:

@@ -93,6 +93,9 @@ class Source:
   # Optional group of each image of the 'train' part (e.g. ISIC's lesion_id): carved
   # splits keep a group's images together, so no lesion is in both train and test.
   groups: np.ndarray | None = None
+  # Optional file of each image of the 'train' part (image-file readers and their
+  # prepared caches): eval_predictions.csv names the images it scored.
+  paths: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +108,8 @@ class Dataset:
   notes: tuple[str, ...] = ()
   # source_fingerprint(source) of the source the splits index into
   fingerprint: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+  # split -> the file of each of its images, where the source knows them
+  paths: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
   @property
   def num_classes(self) -> int:
@@ -243,8 +248,11 @@ def build(source: Source, spec: dict[str, dict[str, Any]]) -> Dataset:
           f'{spec[split]["part"]} part, which has {len(part)}: the data changed since the run '
           'started. Start a fresh workdir.')
     splits[split] = part.subset(rows)
+  paths = {split: np.asarray(source.paths)[np.asarray(spec[split]['rows'], np.int64)]
+           for split in SPLITS
+           if source.paths is not None and spec[split]['part'] == 'train'}
   dataset = Dataset(source.name, source.class_names, splits, spec, source.notes,
-                    source_fingerprint(source))
+                    source_fingerprint(source), paths)
   for split in SPLITS:
     if len(dataset.splits[split]) == 0:
       raise DataError(f'the {split} split of {source.name} is empty.')
