@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import pathlib
+import textwrap
 from typing import Any, Mapping, Sequence
 
 import matplotlib
@@ -21,6 +22,10 @@ from imbal_jax import atomic
 DPI = 120
 # Past this many classes, numbers in the cells would be unreadable.
 MAX_ANNOTATED_CLASSES = 20
+
+
+# Characters per line of a method's name in the comparison chart.
+NAME_WIDTH = 48
 
 
 def _save(figure: Figure, path: str | pathlib.Path) -> pathlib.Path:
@@ -143,24 +148,39 @@ def reliability_diagram(bins: Mapping[str, Any], path: str | pathlib.Path) -> pa
   return _save(figure, path)
 
 
+def method_bar_figure(names: Sequence[str], means: Sequence[float],
+                      stds: Sequence[float | None], per_run: Sequence[Sequence[float]] = (),
+                      label: str = 'test balanced accuracy (%)') -> Figure:
+  """method_bar_chart's figure: one horizontal bar per method, the first on top.
+
+  Horizontal, with each name wrapped on the left: names of methods that differ in
+  several fields run to a hundred characters, which slanted labels under vertical
+  bars could not fit.
+  """
+  wrapped = [textwrap.fill(name, NAME_WIDTH) for name in names]
+  lines = sum(name.count('\n') + 1 for name in wrapped)
+  positions = np.arange(len(names))
+  errors = [np.nan if s is None else 100 * s for s in stds]  # NaN: no bar for one seed
+  figure = Figure(figsize=(9.0, 1.4 + 0.3 * lines + 0.25 * len(names)), layout='constrained')
+  axes = figure.subplots()
+  axes.barh(positions, 100 * np.asarray(means, np.float64), xerr=errors, capsize=5,
+            color='tab:blue', alpha=0.75, edgecolor='black', linewidth=0.5)
+  for position, values in zip(positions, per_run):
+    axes.scatter(100 * np.asarray(values, np.float64), np.full(len(values), position), s=14,
+                 color='black', zorder=3)
+  axes.set_yticks(positions, wrapped, fontsize=8)
+  axes.invert_yaxis()
+  axes.set_xlabel(label)
+  axes.set_xlim(0, 100)
+  axes.grid(True, axis='x', alpha=0.3)
+  axes.set_title('mean ± sample std over seeds; dots: single runs')
+  return figure
+
+
 def method_bar_chart(names: Sequence[str], means: Sequence[float],
                      stds: Sequence[float | None], path: str | pathlib.Path,
                      per_run: Sequence[Sequence[float]] = (),
                      ylabel: str = 'test balanced accuracy (%)') -> pathlib.Path:
   """One bar per method (values in [0, 1], drawn as %), sample-std error bars
-  where there are several seeds, and each run as a dot."""
-  positions = np.arange(len(names))
-  errors = [np.nan if s is None else 100 * s for s in stds]  # NaN: no bar for one seed
-  figure = Figure(figsize=(max(5.0, 1.3 * len(names) + 2), 4.5), layout='constrained')
-  axes = figure.subplots()
-  axes.bar(positions, 100 * np.asarray(means, np.float64), yerr=errors, capsize=6,
-           color='tab:blue', alpha=0.75, edgecolor='black', linewidth=0.5)
-  for position, values in zip(positions, per_run):
-    axes.scatter(np.full(len(values), position), 100 * np.asarray(values, np.float64), s=14,
-                 color='black', zorder=3)
-  axes.set_xticks(positions, names, rotation=20, ha='right', rotation_mode='anchor')
-  axes.set_ylabel(ylabel)
-  axes.set_ylim(0, 100)
-  axes.grid(True, axis='y', alpha=0.3)
-  axes.set_title('mean ± sample std over seeds; dots: single runs')
-  return _save(figure, path)
+  where there are several seeds, and each run as a dot (method_bar_figure)."""
+  return _save(method_bar_figure(names, means, stds, per_run, ylabel), path)

@@ -95,3 +95,26 @@ def test_method_bar_chart(tmp_path):
   path = plots.method_bar_chart(['a', 'b'], [0.7, 0.6], [0.05, None], tmp_path / 'bars.png',
                                 per_run=[[0.65, 0.75], [0.6]])
   check_png(path)
+
+
+def test_method_bar_chart_fits_long_method_names():
+  import warnings
+  names = [f'stage1 lambda=0.5 (data_path=/data/{i}/images, dataset=folder, image_size=32, '
+           f'imbalance_ratio={i})' for i in range(6)]
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')  # e.g. 'constrained_layout not applied'
+    figure = plots.method_bar_figure(names, [0.5] * 6, [0.1] * 6, [[0.4, 0.6]] * 6)
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+  renderer = canvas.get_renderer()
+  box = figure.bbox
+  axes = figure.axes[0]
+  labels = axes.get_yticklabels()
+  # Wrapped, in order (first on top), and every line inside the figure.
+  assert [label.get_text().replace('\n', ' ') for label in labels] == names
+  assert all(max(map(len, label.get_text().split('\n'))) <= plots.NAME_WIDTH for label in labels)
+  for label in labels + [axes.title]:
+    extent = label.get_window_extent(renderer)
+    assert extent.x0 >= box.x0 - 1 and extent.x1 <= box.x1 + 1, label.get_text()
+  assert axes.yaxis_inverted()
