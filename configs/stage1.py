@@ -173,4 +173,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.augment = 'rrc+flip+vflip+rot90+jitter'
   else:
     raise ValueError(f'unknown preset {preset!r}; choose one of {", ".join(PRESETS)}')
+  # A label: which preset's settings these are (stage 2 notes a preset other than its
+  # stage 1's). It changes nothing by itself.
+  config.preset = preset
   return config

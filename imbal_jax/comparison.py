@@ -25,9 +25,10 @@ from absl import logging
 from imbal_jax import atomic, plots, reporting
 
 # Fields that differ between seeds of one method (the paths of their stage-1
-# runs too), or that cannot change a result.
+# runs too), or that cannot change a result ('preset' only labels the settings,
+# and runs written before it existed lack it).
 NOT_METHOD_FIELDS = frozenset({'seed', 'init_from', 'log_every_steps', 'checkpoint_every_epochs',
-                               'eval_batch_size', 'data_workers'})
+                               'eval_batch_size', 'data_workers', 'preset'})
 STAGE1_PREFIX = 'stage1.'
 STAGE2_METHOD_NAMES = {'crt': 'cRT', 'lws': 'LWS', 'tau_norm': 'tau-norm',
                        'posthoc_la': 'post-hoc LA', 'ncm': 'NCM'}

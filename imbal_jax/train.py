@@ -112,6 +112,18 @@ def load_dataset(config, workdir: pathlib.Path) -> sources.Dataset:
 FIXED_FIELDS = configuration.INHERITED_FIELDS + ('stage', 'seed', 'stage2_method')
 
 
+def stage2_preset_note(config, stage1_config: dict) -> str | None:
+  """A note where stage 2 starts from another preset than its stage 1 did: the
+  data and encoder are inherited either way, but the head's recipe (batch size,
+  augmentation, epochs) is its own preset's."""
+  mine, theirs = config.get('preset'), stage1_config.get('preset')
+  if not mine or not theirs or mine == theirs:
+    return None
+  return (f"stage 2 takes its training settings from preset {mine!r} (batch size, "
+          f"augmentation, epochs), while its stage 1 was trained with preset {theirs!r}; "
+          f"--config=configs/stage2.py:{theirs} gives stage 2 that preset's settings.")
+
+
 def stage1_pixel_stats(config) -> tuple[list[float], list[float]] | None:
   """Stage 2: the pixel statistics the stage-1 encoder was trained with (its data.json)."""
   if config.stage != 'stage2':
@@ -263,6 +275,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
          'score': stage.extra_report.get('stage1_selected_score'),
          'variables_sha256': stage.extra_report['stage1_variables_sha256']})
 
+  if is_writer and config.stage == 'stage2':
+    note = stage2_preset_note(config, stage.extra_report['stage1_config'])
+    if note:
+      print(f'note: {note}')
   if is_writer:
     workdir.mkdir(parents=True, exist_ok=True)
     reporting.write_json(workdir / 'config.json', config.to_dict())

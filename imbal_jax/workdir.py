@@ -24,8 +24,8 @@ from imbal_jax import atomic
 
 # Fields that change neither the data nor the training trajectory (eval_batch_size
 # does where stage 2 caches augmented feature views: check_config).
-HARMLESS_FIELDS = {'log_every_steps', 'eval_batch_size', 'data_workers', 'checkpoint_every_epochs',
-                   'eval_every_epochs'}
+HARMLESS_FIELDS = {'preset', 'log_every_steps', 'eval_batch_size', 'data_workers',
+                   'checkpoint_every_epochs', 'eval_every_epochs'}
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what schedulers expect from a terminated job
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT (Ctrl-C)
 

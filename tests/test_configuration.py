@@ -335,3 +335,17 @@ def test_step_schedule_matches_cao_et_al_and_checks_its_epochs():
   bad.lr_schedule = 'linear'
   with pytest.raises(configuration.ConfigError, match='lr_schedule'):
     configuration.resolve(bad)
+
+
+def test_stage2_notes_a_preset_other_than_its_stage1s():
+  stage1 = load_config('stage1', 'dermamnist')
+  assert stage1.preset == 'dermamnist' and load_config('stage1').preset == 'digits_lt'
+  note = train.stage2_preset_note(load_config('stage2'), stage1.to_dict())
+  assert note.startswith("stage 2 takes its training settings from preset 'digits_lt'")
+  assert '--config=configs/stage2.py:dermamnist' in note
+  assert train.stage2_preset_note(load_config('stage2', 'dermamnist'), stage1.to_dict()) is None
+  older = {k: v for k, v in stage1.to_dict().items() if k != 'preset'}  # before the field
+  assert train.stage2_preset_note(load_config('stage2'), older) is None
+  # Only a label: a workdir of another preset's name but the same fields is not refused.
+  from imbal_jax import workdir
+  assert 'preset' in workdir.HARMLESS_FIELDS
