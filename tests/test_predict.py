@@ -262,3 +262,15 @@ def test_command_exits_2_with_one_message(tmp_path):
   assert result.returncode == 2
   assert 'holds no trained model' in result.stderr and 'Train first' in result.stderr
   assert 'Traceback' not in result.stderr
+
+
+def test_image_file_inputs_say_how_they_are_decoded(tmp_path):
+  write_png(tmp_path / 'one.png', np.zeros((45, 60, 1), np.uint8), 'L')
+  inputs = inference_inputs.read_inputs(tmp_path / 'one.png', (8, 8, 1))
+  assert inputs.notes == ('image files are decoded as the training images were: shorter side '
+                          'resized to 8 px and centre-cropped to 8x8, then made grey (ITU-R 601 '
+                          'luma).',)
+  assert inputs.read(0).shape == (8, 8, 1)
+  (tmp_path / 'list.csv').write_text('path\none.png\n')
+  assert inference_inputs.read_inputs(tmp_path / 'list.csv', (8, 8, 3)).notes[-1].endswith(
+      'centre-cropped to 8x8.')

@@ -141,6 +141,14 @@ def _npz_inputs(npz_path: pathlib.Path, image_shape) -> Inputs:
                 notes)
 
 
+def file_decoding_note(image_shape) -> str:
+  """What happens to an image file on its way to the model (_read_file)."""
+  height, width, channels = image_shape
+  return (f'image files are decoded as the training images were: shorter side resized to '
+          f'{height} px and centre-cropped to {height}x{width}'
+          + (', then made grey (ITU-R 601 luma)' if channels == 1 else '') + '.')
+
+
 def read_inputs(path: str | pathlib.Path, image_shape) -> Inputs:
   """The inputs at `path`: a folder of images, a .npz, a CSV with a path column, or an image."""
   path = pathlib.Path(path)
@@ -148,13 +156,18 @@ def read_inputs(path: str | pathlib.Path, image_shape) -> Inputs:
   if not path.exists():
     raise PredictError(f'--input={path} does not exist.')
   if path.is_dir():
-    return _folder_inputs(path, image_shape)
-  suffix = path.suffix.lower()
-  if suffix == '.npz':
-    return _npz_inputs(path, image_shape)
-  if suffix == '.csv':
-    return _csv_inputs(path, image_shape)
-  if suffix in IMAGE_SUFFIXES:
-    return Inputs([str(path)], lambda i: _read_file(path, image_shape))
+    found = _folder_inputs(path, image_shape)
+  else:
+    suffix = path.suffix.lower()
+    if suffix == '.npz':
+      return _npz_inputs(path, image_shape)  # its own note says how it is conformed
+    if suffix == '.csv':
+      found = _csv_inputs(path, image_shape)
+    elif suffix in IMAGE_SUFFIXES:
+      found = Inputs([str(path)], lambda i: _read_file(path, image_shape))
+    else:
+      found = None
+  if found is not None:
+    return dataclasses.replace(found, notes=found.notes + (file_decoding_note(image_shape),))
   raise PredictError(f'--input={path}: expected a folder of images, a .npz, a .csv with a path '
                      f'column or an image file ({", ".join(sorted(IMAGE_SUFFIXES))}).')
