@@ -246,19 +246,50 @@ def run(model: Model, inputs: Inputs, batch_size: int | None = None) -> Predicti
 
 
 def write_predictions(path: str | pathlib.Path, predictions: Predictions,
-                      class_names) -> pathlib.Path:
-  """The CSV, written atomically; failed inputs keep their row with empty probabilities."""
+                      class_names, labels: list[str] | None = None) -> pathlib.Path:
+  """The CSV, written atomically; failed inputs keep their row with empty probabilities.
+  With `labels` (a CSV input's label column), a `label` column follows the input."""
   buffer = io.StringIO()
   writer = csv.writer(buffer, lineterminator='\n')
-  writer.writerow(['input', 'predicted_class', 'predicted_index',
+  given = [] if labels is None else ['label']
+  writer.writerow(['input', *given, 'predicted_class', 'predicted_index',
                    *(f'p_{name}' for name in class_names), 'status'])
-  for name, row, index, status in zip(predictions.inputs, predictions.probabilities,
-                                      predictions.predicted_index, predictions.status):
+  for i, (name, row, index, status) in enumerate(zip(
+      predictions.inputs, predictions.probabilities, predictions.predicted_index,
+      predictions.status)):
+    label = [] if labels is None else [labels[i]]
     if status == 'ok':
-      writer.writerow([name, class_names[index], int(index), *(f'{p:.6g}' for p in row), status])
+      writer.writerow([name, *label, class_names[index], int(index),
+                       *(f'{p:.6g}' for p in row), status])
     else:
-      writer.writerow([name, '', '', *([''] * len(class_names)), status])
+      writer.writerow([name, *label, '', '', *([''] * len(class_names)), status])
   return atomic.write_text(path, buffer.getvalue())
+
+
+def check_labels(labels: list[str] | None, class_names, input_path) -> None:
+  """PredictError for labels that are not the model's classes ('' is no label)."""
+  if labels is None:
+    return
+  unknown = sorted({label for label in labels if label and label not in class_names})
+  if unknown:
+    raise PredictError(f'--input={input_path}: label(s) {unknown[:5]} are not classes of the '
+                       f'model ({list(class_names)}); write them as the model names its '
+                       'classes, or leave the cell empty for an unlabelled image.')
+
+
+def labelled_summary(labels: list[str], predictions: Predictions, class_names) -> str | None:
+  """Accuracy and balanced accuracy over the inputs with a label that were read."""
+  index = {name: i for i, name in enumerate(class_names)}
+  pairs = [(index[label], guess) for label, guess, status in zip(
+      labels, predictions.predicted_index, predictions.status) if label and status == 'ok']
+  if not pairs:
+    return None
+  truth, guess = (np.asarray(column) for column in zip(*pairs))
+  recalls = [np.mean(guess[truth == c] == c) for c in np.unique(truth)]
+  accuracy = 100 * np.mean(truth == guess)
+  return (f'On the {len(pairs)} labelled input(s) read: accuracy {accuracy:.1f}%, '
+          f'balanced accuracy {100 * np.mean(recalls):.1f}% (mean recall of the '
+          f'{len(recalls)} class(es) present).')
 
 
 def predict(workdir: str | pathlib.Path, input_path: str | pathlib.Path,
@@ -271,6 +302,7 @@ def predict(workdir: str | pathlib.Path, input_path: str | pathlib.Path,
   config, data = _read_json(run_dir / 'config.json'), _read_json(run_dir / 'data.json')
   # Inputs and output are checked before anything is restored or compiled.
   inputs = read_inputs(input_path, data['image_shape'])
+  check_labels(inputs.labels, data['class_names'], input_path)
   if output.is_dir():
     raise PredictError(f'--output={output} is a directory; name a .csv file.')
   blocking = next((p for p in output.parents if p.exists() and not p.is_dir()), None)
@@ -292,7 +324,7 @@ def predict(workdir: str | pathlib.Path, input_path: str | pathlib.Path,
   kept = workdir_lib.keep_previous(output) if keep_earlier else None
   if kept is not None:
     print(f'note: the earlier {output.name} is kept as {kept.name}.')
-  path = write_predictions(output, predictions, model.class_names)
+  path = write_predictions(output, predictions, model.class_names, inputs.labels)
   failures = [s for s in predictions.status if s != 'ok']
   print(f'Predicted {len(predictions.status) - len(failures)} of {len(predictions.status)} '
         f'input(s); {len(failures)} failed (their error is in the status column).')
@@ -300,6 +332,9 @@ def predict(workdir: str | pathlib.Path, input_path: str | pathlib.Path,
     print(f'  failed: {message}')
   if len(failures) > 10:
     print(f'  ... and {len(failures) - 10} more')
+  summary = inputs.labels and labelled_summary(inputs.labels, predictions, model.class_names)
+  if summary:
+    print(summary)
   print(f'Written: {path}')
   return predictions, path, model
 

@@ -274,3 +274,29 @@ def test_image_file_inputs_say_how_they_are_decoded(tmp_path):
   (tmp_path / 'list.csv').write_text('path\none.png\n')
   assert inference_inputs.read_inputs(tmp_path / 'list.csv', (8, 8, 3)).notes[-1].endswith(
       'centre-cropped to 8x8.')
+
+
+def test_csv_labels_are_checked_kept_and_scored(root, digits_test, tmp_path, capsys):
+  images, labels = digits_test[0][:12], digits_test[1][:12]
+  lines = ['path,label']
+  for i, (image, label) in enumerate(zip(images, labels)):
+    write_png(tmp_path / 'scans' / f'{i}.png', image, 'L')
+    lines.append(f'scans/{i}.png,{label if i else ""}')  # the first row has no label
+  lines.append('scans/missing.png,3')  # labelled, but cannot be read
+  (tmp_path / 'labelled.csv').write_text('\n'.join(lines) + '\n')
+  predictions, path, _ = predict.predict(root / 'stage1', tmp_path / 'labelled.csv',
+                                         tmp_path / 'out.csv')
+  rows = read_rows(path)
+  assert [row['label'] for row in rows] == [''] + [str(l) for l in labels[1:]] + ['3']
+  # NumPy reference over the 11 labelled rows that were read.
+  truth = labels[1:]
+  guess = predictions.predicted_index[1:12]
+  recalls = [np.mean(guess[truth == c] == c) for c in np.unique(truth)]
+  out = capsys.readouterr().out
+  assert (f'On the 11 labelled input(s) read: accuracy {100 * np.mean(truth == guess):.1f}%, '
+          f'balanced accuracy {100 * np.mean(recalls):.1f}%') in out
+  # A label the model does not know is refused before anything is computed.
+  (tmp_path / 'bad.csv').write_text('path,label\nscans/0.png,melanoma\n')
+  with pytest.raises(predict.PredictError, match=r"label\(s\) \['melanoma'\] are not classes"):
+    predict.predict(root / 'stage1', tmp_path / 'bad.csv', tmp_path / 'bad_out.csv')
+  assert not (tmp_path / 'bad_out.csv').exists()

@@ -34,6 +34,8 @@ class Inputs:
   names: list[str]
   read: Callable[[int], np.ndarray]  # index -> uint8 [h, w, c]; DataError naming the input
   notes: tuple[str, ...] = ()
+  # A CSV's `label` column, as written ('' where a row has none); None without one.
+  labels: list[str] | None = None
 
 
 def conform(image: np.ndarray, image_shape) -> np.ndarray:
@@ -89,7 +91,8 @@ def _csv_inputs(csv_path: pathlib.Path, image_shape) -> Inputs:
       raise DataError(f'{csv_path}: row {i + 1} has an empty path.')
     return _read_file(csv_path.parent / names[i], image_shape)
 
-  return Inputs(names, read)
+  labels = [(row.get('label') or '').strip() for row in rows] if 'label' in columns else None
+  return Inputs(names, read, labels=labels)
 
 
 def _npz_key(npz_path: pathlib.Path, keys: list[str]) -> tuple[str, tuple[str, ...]]:
