@@ -88,7 +88,10 @@ def parse_flags(argv):
         set_to_none.append(name[len('--config.'):])
         continue
     kept.append(arg)
-  config_path = next((a.partition('=')[2] for a in argv if a.startswith('--config=')), None)
+  # --config=PATH or --config PATH, as absl takes both.
+  config_path = next((a.partition('=')[2] if a.startswith('--config=') else after
+                      for a, after in zip(argv, list(argv[1:]) + [None])
+                      if a.startswith('--config=') or (a == '--config' and after)), None)
   if config_path and not os.path.isfile(config_path.split(':')[0]):
     configs = pathlib.Path(__file__).resolve().parents[1] / 'configs'
     _config_error(f'--config={config_path}: {config_path.split(":")[0]} is not a file (relative '
@@ -116,6 +119,7 @@ def parse_flags(argv):
   for field in set_to_none:
     FLAGS.config[field] = None
   overridden = set(config_flags.get_override_values(FLAGS['config'])) | set(set_to_none)
+  config_path = config_flags.get_config_filename(FLAGS['config'])
   if config_path and 'dataset' in overridden and FLAGS.config.get('stage') == 'stage1':
     from imbal_jax import configuration
     path, _, preset = config_path.partition(':')

@@ -202,7 +202,10 @@ class StopRequest:
       self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_sigterm)
       # Ctrl-C too, in one process: a person at a terminal presses it. A second Ctrl-C
       # gets the handler from before (Python's KeyboardInterrupt): it stops at once.
-      self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_sigint)
+      # Only over Python's own handler: a process started with SIGINT ignored (a
+      # background job of a script) keeps ignoring it.
+      if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_sigint)
     return self
 
   def _on_sigterm(self, *_) -> None:

@@ -152,6 +152,8 @@ def test_main_reports_config_error_without_traceback(tmp_path):
     (['--config=configs/stage3.py'], f'--config=configs/stage3.py: configs/stage3.py is not a '
      f'file (relative to the current directory {ROOT}); name {ROOT / "configs" / "stage1.py"}'),
     (['--config=configs/stage1.py', '--config.num_epochs=abc'], '--config.num_epochs=abc'),
+    (['--config', 'configs/stage3.py'], '--config=configs/stage3.py: configs/stage3.py is not a '
+     'file'),
 ])
 def test_main_reports_a_bad_config_flag_in_one_line(tmp_path, args, message):
   result = subprocess.run([sys.executable, '-m', 'imbal_jax.main', f'--workdir={tmp_path}/run',
@@ -179,13 +181,15 @@ def test_a_presets_ratio_stays_with_its_data_set_on_the_command_line():
           'print(repr(main.FLAGS.config.imbalance_ratio))')
   cases = [  # (config, flags, the ratio, whether the note is printed)
       ('configs/stage1.py', ['--config.dataset=folder', '--config.data_path=x'], 'None', True),
+      (None, ['--config', 'configs/stage1.py', '--config.dataset=folder'], 'None', True),
       ('configs/stage1.py', ['--config.dataset=folder', '--config.imbalance_ratio=5'], '5.0',
        False),
       ('configs/stage1.py:fashion_mnist_lt', ['--config.dataset=idx'], '100.0', False),
       ('configs/stage1.py', [], '10.0', False)]
   for config, extra, ratio, noted in cases:
-    result = subprocess.run([sys.executable, '-c', code, f'--config={config}',
-                             '--workdir=unused', *extra],
+    result = subprocess.run([sys.executable, '-c', code,
+                             *([f'--config={config}'] if config else []), '--workdir=unused',
+                             *extra],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     lines = result.stdout.splitlines()
     assert lines[-1] == ratio, (config, extra, result.stdout, result.stderr[-2000:])

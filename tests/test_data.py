@@ -2,6 +2,7 @@
 
 import importlib.machinery
 import importlib.util
+import time
 
 import jax
 import ml_collections
@@ -452,3 +453,25 @@ def test_make_spec_splits_by_group_where_the_source_has_groups():
   assert not seen['train'] & seen['test'] and not seen['train'] & seen['val']
   assert not seen['val'] & seen['test']
   assert data.class_counts('test').tolist() == [12, 9, 6]  # whole lesions: 4, 3, 2 of them
+
+
+def test_worker_processes_leave_ctrl_c_and_sigterm_to_the_main_process():
+  import multiprocessing
+  import os
+  import signal
+  labels = np.repeat(np.arange(3), [20, 7, 3]).astype(np.int32)
+  split = sources.Split(np.arange(30, dtype=np.uint8).reshape(30, 1, 1, 1), labels)
+  batches = pipeline.TrainBatches(split, 3, batch_size=8, sampler='sqrt', seed=1, num_epochs=4)
+  iterator = pipeline.train_iterator(batches, num_workers=1)
+  next(iterator)
+  workers = multiprocessing.active_children()
+  assert workers
+  # A terminal's Ctrl-C, or scancel's SIGTERM, reaches every process of the group.
+  for worker in workers:
+    os.kill(worker.pid, signal.SIGINT)
+    os.kill(worker.pid, signal.SIGTERM)
+  time.sleep(1)
+  assert all(worker.is_alive() for worker in workers)
+  for step in range(1, batches.total_steps):  # the main process goes on to save and stop
+    np.testing.assert_array_equal(next(iterator)['image'][:, 0, 0, 0], batches.indices(step))
+  iterator.close()

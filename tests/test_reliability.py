@@ -310,3 +310,11 @@ def test_ctrl_c_asks_for_a_checkpoint_once_and_a_second_one_stops_at_once(
   with workdir.StopRequest() as stop:
     os.kill(os.getpid(), signal.SIGTERM)
     assert stop.reached(1) and stop.signal_name == 'SIGTERM'
+  # Started with SIGINT ignored (a script's background job): it stays ignored.
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  with workdir.StopRequest() as stop:
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.1)
+    assert not stop.reached(1)
+  assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN

@@ -13,6 +13,7 @@ processes each takes its own contiguous slice of the global batch.
 from __future__ import annotations
 
 import math
+import signal
 from typing import Iterator
 
 import grain
@@ -111,5 +112,19 @@ def train_iterator(batches: TrainBatches, num_workers: int = 0, start_step: int 
     # library, not through `python -m imbal_jax.main`, nothing has parsed them yet.
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
-    iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
+                                    worker_init_fn=_ignore_stop_signals)
   return iter(iterable)
+
+
+def _ignore_stop_signals(worker_index: int, worker_count: int) -> None:
+  """In each grain worker: leave Ctrl-C and SIGTERM to the main process.
+
+  A terminal's Ctrl-C (and scancel's SIGTERM) reaches the whole process group. The
+  main process answers by saving a checkpoint after the step in progress
+  (workdir.StopRequest), which needs the workers' next batch; a worker that died
+  of the signal would instead fail that next() and lose the checkpoint.
+  """
+  del worker_index, worker_count
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
