@@ -58,13 +58,15 @@ def prepare(dataset: str, data_path: str, output: str, image_size: int, labels_c
   # prepare carves no splits (the training run does, with its own fractions), but a
   # class too small for the default ones is worth knowing now, not at training time.
   # Said by the command, not kept in the cache's notes, which every training run repeats.
+  # (configs/ ships with a checkout, not with an installed package: then 0.1 and 0.2.)
   defaults = configuration.default_config('stage1')
+  val, test = defaults.get('val_fraction', 0.1), defaults.get('test_fraction', 0.2)
   split_warning = None
   try:
-    sources.make_spec(source, None, 0, 0, defaults['val_fraction'], defaults['test_fraction'])
+    sources.make_spec(source, None, 0, 0, val, test)
   except DataError as error:
-    split_warning = (f'with the default split fractions (val {defaults["val_fraction"]}, test '
-                     f'{defaults["test_fraction"]}), training on this cache would stop: {error}')
+    split_warning = (f'with the default split fractions (val {val}, test {test}), training on '
+                     f'this cache would stop: {error}')
   present = [(code, source.parts[part]) for code, part in enumerate(('train', 'val', 'test'))
              if part in source.parts]
   total = sum(len(split) for _, split in present)

@@ -384,3 +384,9 @@ def test_single_host_script_runs_both_stages(tmp_path):
       ['--config=configs/stage1.py:ham10000', '--workdir=/runs/x/stage1', '--config.seed=3'],
       ['--config=configs/stage2.py:dermamnist', '--workdir=/runs/x/stage2',
        '--config.init_from=/runs/x/stage1', '--config.num_epochs=5']]
+  # Another stage-1 config file: its stage 2 must be named, before anything runs.
+  result = subprocess.run(['bash', 'launch/single_host.sh', '/runs/x'], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, 'CONFIG': 'configs/mine.py:fast',
+                               'STAGE2_CONFIG': ''})
+  assert result.returncode == 2 and 'set STAGE2_CONFIG too' in result.stderr

@@ -209,6 +209,11 @@ def test_folder_leaves_out_hidden_files_and_macos_zip_copies(tmp_path):
 def test_csv_rows_with_more_cells_than_the_header_are_refused_by_line(tmp_path):
   for i in range(3):
     write_png(tmp_path / 'img' / f'{i}.png', (i * 50, 0, 0))
+  # A trailing comma (empty extra cells) is harmless; a value would be lost.
+  (tmp_path / 'trailing.csv').write_text('path,label\nimg/0.png,a,\nimg/1.png,b,,\n'
+                                         'img/2.png,a,\n')
+  source = readers.csv_list(cfg(data_path=str(tmp_path / 'trailing.csv'), image_size=4))
+  assert source.class_names == ('a', 'b') and source.parts['train'].labels.tolist() == [0, 1, 0]
   (tmp_path / 'list.csv').write_text('path,label\nimg/0.png,a\nimg/1.png,b,extra\n'
                                      'img/2.png,a\n')
   with pytest.raises(DataError, match=r'list.csv: line 3 has more cells than the header'):
@@ -294,6 +299,12 @@ def test_a_class_too_small_to_split_is_refused_by_name_before_decoding(tmp_path,
                                           "training on this cache would stop: class 'rare'")
   assert not any('split' in note for note in
                  readers.prepared(cfg(data_path=str(tmp_path / 'cache'))).notes)
+  # An installed package has no configs/: the fractions are then 0.1 and 0.2 all the same.
+  from imbal_jax import configuration
+  monkeypatch.setattr(configuration, 'default_config', lambda stage: {})
+  meta = prepare.prepare('folder', str(tmp_path / 'data'), str(tmp_path / 'cache2'),
+                         image_size=4)
+  assert meta['split_warning'].startswith('with the default split fractions (val 0.1, test 0.2)')
 
 
 def test_prepare_writes_a_cache_that_reads_back_identically(tmp_path):

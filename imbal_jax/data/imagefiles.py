@@ -232,9 +232,11 @@ def _read_csv_rows(csv_path: pathlib.Path, required: list[str]):
         if None in row.values():
           raise DataError(f'{csv_path}: line {reader.line_num} has fewer cells than the header '
                           f'{columns}.')
-        if None in row:  # DictReader's key for cells beyond the header's
+        # DictReader's key for cells beyond the header's; empty ones (a trailing comma
+        # of a spreadsheet export) hold nothing to lose.
+        if any(cell.strip() for cell in row.pop(None, [])):
           raise DataError(f'{csv_path}: line {reader.line_num} has more cells than the header '
-                          f'{columns} (extra: {row[None]}); quote a value that holds a comma.')
+                          f'{columns}; quote a value that holds a comma.')
         rows.append(row)
         lines.append(reader.line_num)
   except (OSError, UnicodeDecodeError, csv.Error) as error:
