@@ -116,6 +116,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 20
   config.checkpoint_every_epochs = 1
   config.init_from = ''  # stage 2 only
+  # 16-bit grey image files keep the top 8 of this many significant bits: 12 for
+  # the 12-bit values many X-ray and CT exports store in 16-bit files.
+  config.bit_depth = 16
   return config
 
 

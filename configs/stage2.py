@@ -67,7 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   for field in ('dataset', 'data_dir', 'data_path', 'labels_csv', 'groups_csv', 'tfds_name',
                 'model'):
     config[field] = config_dict.placeholder(str)
-  for field in ('image_size', 'split_seed', 'width', 'projection_dim'):
+  for field in ('image_size', 'split_seed', 'width', 'projection_dim', 'bit_depth'):
     config[field] = config_dict.placeholder(int)
   for field in ('imbalance_ratio', 'val_fraction', 'test_fraction'):
     config[field] = config_dict.placeholder(float)

@@ -19,8 +19,9 @@ from imbal_jax.models import resnet
 STAGES = ('stage1', 'stage2')
 # Fields a stage-2 run takes from its stage-1 run ('' / 0 means "inherit").
 INHERITED_FIELDS = ('dataset', 'data_dir', 'data_path', 'labels_csv', 'groups_csv',
-                    'tfds_name', 'image_size', 'imbalance_ratio', 'split_seed', 'val_fraction',
-                    'test_fraction', 'skip_corrupt', 'model', 'width', 'projection_dim')
+                    'tfds_name', 'image_size', 'bit_depth', 'imbalance_ratio', 'split_seed',
+                    'val_fraction', 'test_fraction', 'skip_corrupt', 'model', 'width',
+                    'projection_dim')
 
 
 # The config files (configs/stage1.py, configs/stage2.py, configs/experiments/).
@@ -224,6 +225,9 @@ def resolve(config: ml_collections.ConfigDict,
     raise ConfigError(f'config.imbalance_ratio={config.imbalance_ratio} must be >= 1 '
                       '(largest class count / smallest), or None to keep the distribution '
                       'as it is.')
+  if 'bit_depth' in config and not 8 <= config.bit_depth <= 16:
+    raise ConfigError(f'config.bit_depth={config.bit_depth}: the significant bits of 16-bit '
+                      'grey images, from 8 to 16 (e.g. 12 for 12-bit X-ray exports).')
   _check_choice(config, 'lr_schedule', ('cosine', 'step'))
   if config.lr_schedule == 'step':
     try:

@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from imbal_jax import atomic, checkpoint, classifiers, sharding, steps
 from imbal_jax import workdir as workdir_lib
+from imbal_jax.data import imagefiles
 from imbal_jax.data.inference_inputs import Inputs, PredictError, read_inputs
 from imbal_jax.data.sources import DataError
 from imbal_jax.models import Stage1Net, make_encoder
@@ -301,7 +302,8 @@ def predict(workdir: str | pathlib.Path, input_path: str | pathlib.Path,
   run_dir = find_run(workdir)
   config, data = _read_json(run_dir / 'config.json'), _read_json(run_dir / 'data.json')
   # Inputs and output are checked before anything is restored or compiled.
-  inputs = read_inputs(input_path, data['image_shape'])
+  inputs = read_inputs(input_path, data['image_shape'],
+                       config.get('bit_depth') or imagefiles.DEFAULT_BIT_DEPTH)
   check_labels(inputs.labels, data['class_names'], input_path)
   if output.is_dir():
     raise PredictError(f'--output={output} is a directory; name a .csv file.')

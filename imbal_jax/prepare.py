@@ -26,6 +26,8 @@ flags.DEFINE_enum('dataset', None, ['folder', 'csv', 'isic'], 'Layout of the ima
 flags.DEFINE_string('data_path', None, 'Class-folder root, path,label CSV, or ISIC image folder.')
 flags.DEFINE_string('labels_csv', '', 'ISIC ground-truth CSV (dataset=isic).')
 flags.DEFINE_integer('image_size', 64, 'Images are resized (shorter side) and centre-cropped.')
+flags.DEFINE_integer('bit_depth', 16, '16-bit grey images keep the top 8 of this many '
+                     'significant bits (12 for 12-bit X-ray exports).')
 flags.DEFINE_string('output', None, 'Directory for the cache (must not hold one already).')
 flags.DEFINE_bool('skip_corrupt', False, 'Leave out unreadable images (listed in meta.json).')
 flags.DEFINE_string('groups_csv', '', 'ISIC metadata CSV (image, lesion_id; dataset=isic): '
@@ -34,12 +36,15 @@ flags.mark_flags_as_required(['dataset', 'data_path', 'output'])
 
 
 def prepare(dataset: str, data_path: str, output: str, image_size: int, labels_csv: str = '',
-            skip_corrupt: bool = False, groups_csv: str = '') -> dict:
+            skip_corrupt: bool = False, groups_csv: str = '', bit_depth: int = 16) -> dict:
   """Writes the cache; returns its metadata."""
   output = pathlib.Path(output)
   if (output / 'meta.json').exists():
     raise DataError(f'{output} already holds a prepared data set; choose another --output or '
                     'delete it.')
+  if not 8 <= bit_depth <= 16:
+    raise DataError(f'--bit_depth={bit_depth}: the significant bits of 16-bit grey images, '
+                    'from 8 to 16 (e.g. 12 for 12-bit X-ray exports).')
   if groups_csv and dataset != 'isic':
     raise DataError(f'--groups_csv applies to --dataset=isic, not {dataset!r}.')
   # Before decoding (minutes for a large set): the output folder must be writable.
@@ -53,6 +58,7 @@ def prepare(dataset: str, data_path: str, output: str, image_size: int, labels_c
                     'choose a folder you can write to.') from None
   config = ml_collections.ConfigDict(dict(data_path=data_path, labels_csv=labels_csv,
                                           image_size=image_size, skip_corrupt=skip_corrupt,
+                                          bit_depth=bit_depth,
                                           groups_csv=groups_csv))
   source = readers.READERS[dataset](config)
   # prepare carves no splits (the training run does, with its own fractions), but a
@@ -90,7 +96,8 @@ def prepare(dataset: str, data_path: str, output: str, image_size: int, labels_c
   if source.paths is not None:  # the file of each image (image-file readers: one part)
     np.save(output / 'paths.npy', np.asarray(source.paths, dtype=str))
   meta = {'name': source.name, 'class_names': list(source.class_names),
-          'image_size': image_size, 'count': int(sum(len(l) for l in labels)),
+          'image_size': image_size, 'bit_depth': bit_depth,
+          'count': int(sum(len(l) for l in labels)),
           'class_counts': np.bincount(np.concatenate(labels),
                                       minlength=len(source.class_names)).tolist(),
           'source': {'dataset': dataset, 'data_path': str(data_path), 'labels_csv': labels_csv,
@@ -104,7 +111,7 @@ def main(argv):
   del argv
   try:
     meta = prepare(FLAGS.dataset, FLAGS.data_path, FLAGS.output, FLAGS.image_size,
-                   FLAGS.labels_csv, FLAGS.skip_corrupt, FLAGS.groups_csv)
+                   FLAGS.labels_csv, FLAGS.skip_corrupt, FLAGS.groups_csv, FLAGS.bit_depth)
   except DataError as error:
     print(f'imbal_jax: data error: {error}', file=sys.stderr)
     sys.exit(2)

@@ -24,6 +24,7 @@ def load_config(name, arg=None):
     ('augment', 'crop+mixup', r"config.augment='crop\+mixup': unknown operation"),
     ('val_fraction', 1.5, r'config.val_fraction=1.5 must be strictly between 0 and 1'),
     ('test_fraction', 0.0, r'config.test_fraction=0.0 must be strictly between 0 and 1'),
+    ('bit_depth', 20, r'config.bit_depth=20: the significant bits of 16-bit grey images'),
     ('num_epochs', 2, r'config.warmup_epochs=2 must be smaller than config.num_epochs=2: set '
                       r'--config.warmup_epochs=1 \(0: no warm-up\) or more epochs'),
     ('model', 'vgg', r"config.model='vgg' is not known"),

@@ -394,28 +394,33 @@ def test_sixteen_bit_png_keeps_its_top_eight_bits(tmp_path):
     np.testing.assert_array_equal(pixels[..., channel], values >> 8)
 
 
-# Guards against: 12-bit values in a 16-bit file (common for X-ray exports) keeping the top 8
-# of 16 bits, which left 16 grey levels: nearly black.
+# Guards against: 12-bit values in a 16-bit file (common for X-ray exports) keeping only the
+# top 8 of 16 bits, 16 grey levels, with no way to say otherwise: config.bit_depth says.
 @pytest.mark.parametrize('depth', [10, 12, 14])
-def test_sixteen_bit_png_of_fewer_bits_keeps_the_top_eight_it_uses(tmp_path, depth):
+def test_sixteen_bit_png_keeps_the_top_eight_of_its_bit_depth(tmp_path, depth):
   values = (np.arange(16, dtype=np.uint16).reshape(4, 4) * ((1 << depth) // 16) + 3)
   path = tmp_path / 'xray.png'
   Image.fromarray(values).save(path)
-  pixels = imagefiles.decode_image(path, 4)
+  pixels = imagefiles.decode_image(path, 4, bit_depth=depth)
   expected = values >> (depth - 8)
   assert expected.max() > 200  # the image's range, not 16 levels
   for channel in range(3):
     np.testing.assert_array_equal(pixels[..., channel], expected)
+  # One depth for a data set: a value is the same brightness in every image, whatever
+  # the brightest pixel of each (a darker image is not stretched).
+  dark = tmp_path / 'dark.png'
+  Image.fromarray(values // 4).save(dark)
+  np.testing.assert_array_equal(imagefiles.decode_image(dark, 4, bit_depth=depth)[..., 0],
+                                (values // 4) >> (depth - 8))
 
 
 def test_to_8_bits_matches_a_slow_reference():
   rng = np.random.default_rng(0)
-  for top in (0, 1, 255, 256, 1023, 1024, 4095, 4096, 16383, 16384, 65535):
-    pixels = rng.integers(0, top + 1, size=(5, 5)).astype(np.uint16)
-    pixels.flat[0] = top
-    depth = next(d for d in (8, 10, 12, 14, 16) if top < 2 ** d)
-    expected = np.array([[v // 2 ** (depth - 8) for v in row] for row in pixels.tolist()])
-    np.testing.assert_array_equal(imagefiles.to_8_bits(pixels), expected)
+  for depth in range(8, 17):
+    pixels = rng.integers(0, 1 << 16, size=(5, 5)).astype(np.uint16)
+    expected = np.array([[min(255, v // 2 ** (depth - 8)) for v in row]
+                         for row in pixels.tolist()])
+    np.testing.assert_array_equal(imagefiles.to_8_bits(pixels, depth), expected)
 
 
 # Guards against: images between 1x and 2x Image.MAX_IMAGE_PIXELS decoding in full (PIL only

@@ -274,6 +274,12 @@ def test_image_file_inputs_say_how_they_are_decoded(tmp_path):
   (tmp_path / 'list.csv').write_text('path\none.png\n')
   assert inference_inputs.read_inputs(tmp_path / 'list.csv', (8, 8, 3)).notes[-1].endswith(
       'centre-cropped to 8x8.')
+  # 16-bit files with the training run's bit depth (predict passes its config.bit_depth).
+  from PIL import Image
+  Image.fromarray(np.full((8, 8), 3000, np.uint16)).save(tmp_path / 'xray.png')
+  for depth, value in ((12, 3000 >> 4), (16, 3000 >> 8)):
+    image = inference_inputs.read_inputs(tmp_path / 'xray.png', (8, 8, 1), depth).read(0)
+    assert (image == value).all(), depth
 
 
 def test_csv_labels_are_checked_kept_and_scored(root, digits_test, tmp_path, capsys):

@@ -263,6 +263,27 @@ def test_isic_ground_truth_csv(tmp_path):
                      image_size=4))
 
 
+def test_bit_depth_reaches_the_decoder_and_a_prepared_cache_keeps_it(tmp_path):
+  values = (np.arange(36, dtype=np.uint16).reshape(6, 6) * 100)  # up to 3500: 12 bits
+  for label in ('a', 'b'):
+    for i in range(6):
+      (tmp_path / 'data' / label).mkdir(parents=True, exist_ok=True)
+      Image.fromarray(values + i).save(tmp_path / 'data' / label / f'{i}.png')
+  source = readers.folder(cfg(data_path=str(tmp_path / 'data'), image_size=6, bit_depth=12))
+  first = source.parts['train'].take(np.arange(1))[0, ..., 0]
+  np.testing.assert_array_equal(first, values >> 4)
+  prepare.prepare('folder', str(tmp_path / 'data'), str(tmp_path / 'cache'), image_size=6,
+                  bit_depth=12)
+  cached = readers.prepared(cfg(data_path=str(tmp_path / 'cache'), bit_depth=12))
+  np.testing.assert_array_equal(cached.parts['train'].take(np.arange(1))[0, ..., 0], first)
+  with pytest.raises(DataError, match=r'config.bit_depth=16, but .*cache was prepared with '
+                                      r'--bit_depth=12: set --config.bit_depth=12'):
+    readers.prepared(cfg(data_path=str(tmp_path / 'cache'), bit_depth=16))
+  with pytest.raises(DataError, match=r'--bit_depth=17: the significant bits'):
+    prepare.prepare('folder', str(tmp_path / 'data'), str(tmp_path / 'c2'), image_size=6,
+                    bit_depth=17)
+
+
 def test_skip_corrupt_refuses_a_data_set_of_no_readable_images(tmp_path):
   for i in range(3):
     (tmp_path / 'data' / ('a' if i else 'b')).mkdir(parents=True, exist_ok=True)
@@ -414,8 +435,8 @@ def test_missing_files_are_named_before_any_image_is_decoded(tmp_path, monkeypat
   (tmp_path / 'list.csv').write_text('\n'.join(rows) + '\n')
   decoded = []
   real = imagefiles.decode_image
-  monkeypatch.setattr(imagefiles, 'decode_image', lambda path, size: decoded.append(path) or
-                      real(path, size))
+  monkeypatch.setattr(imagefiles, 'decode_image', lambda path, *args: decoded.append(path) or
+                      real(path, *args))
   config = cfg(data_path=str(tmp_path / 'list.csv'), image_size=4)
   with pytest.raises(DataError, match=r'(?s)^2 image\(s\) cannot be read:\n  .*img/gone.png: cannot '
                      r'decode image \(no such file\).\n  .*img/b.png: .*skip_corrupt=True'):

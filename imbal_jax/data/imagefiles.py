@@ -20,8 +20,16 @@ from imbal_jax.data.sources import DataError
 IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp'}
 
 
-def decode_image(path: pathlib.Path, image_size: int) -> np.ndarray:
-  """One RGB uint8 [image_size, image_size, 3] image; raises DataError naming the file."""
+# The significant bits of 16-bit grey images unless config.bit_depth says otherwise.
+DEFAULT_BIT_DEPTH = 16
+
+
+def decode_image(path: pathlib.Path, image_size: int,
+                 bit_depth: int = DEFAULT_BIT_DEPTH) -> np.ndarray:
+  """One RGB uint8 [image_size, image_size, 3] image; raises DataError naming the file.
+
+  16-bit grey images keep the top 8 of their `bit_depth` significant bits (to_8_bits).
+  """
   try:
     with Image.open(path) as image:
       limit = Image.MAX_IMAGE_PIXELS
@@ -29,7 +37,7 @@ def decode_image(path: pathlib.Path, image_size: int) -> np.ndarray:
         raise DataError(f'{path}: {image.width}x{image.height} pixels is over the decoding limit '
                         f'of {limit} (PIL.Image.MAX_IMAGE_PIXELS); downscale the file first.')
       if image.mode.startswith('I;16'):  # 16-bit grey (convert would clip at 255)
-        image = Image.fromarray(to_8_bits(np.asarray(image)))
+        image = Image.fromarray(to_8_bits(np.asarray(image), bit_depth))
       elif image.mode in ('I', 'F'):
         raise DataError(f'{path}: 32-bit ({image.mode}) images are not supported; convert the '
                         'file to 8 or 16 bits.')
@@ -47,18 +55,17 @@ def decode_image(path: pathlib.Path, image_size: int) -> np.ndarray:
     raise DataError(f'{path}: cannot decode image ({type(error).__name__}: {error}).') from None
 
 
-def to_8_bits(pixels: np.ndarray) -> np.ndarray:
-  """16-bit grey pixels as uint8: the top 8 of the bits the image uses.
+def to_8_bits(pixels: np.ndarray, bit_depth: int = DEFAULT_BIT_DEPTH) -> np.ndarray:
+  """16-bit grey pixels as uint8: the top 8 of `bit_depth` significant bits.
 
-  Medical exports often store 10-, 12- or 14-bit values in 16-bit files; keeping
-  the top 8 of 16 bits would leave a 12-bit image 16 grey levels. The depth is
-  the smallest of 8, 10, 12, 14 and 16 bits that holds the image's largest value.
+  One depth for every image of a data set (config.bit_depth), so that a value means
+  the same brightness in every image. Medical exports often store 10-, 12- or 14-bit
+  values in 16-bit files: at the default 16 a 12-bit image keeps 16 grey levels, so
+  such data wants its own depth (--config.bit_depth=12). Values above the depth
+  saturate at 255.
   """
-  pixels = pixels.astype(np.uint32)
-  depth = 8
-  while depth < 16 and pixels.max(initial=0) >= 1 << depth:
-    depth += 2
-  return (pixels >> (depth - 8)).astype(np.uint8)
+  shifted = pixels.astype(np.uint32) >> (bit_depth - 8)
+  return np.minimum(shifted, 255).astype(np.uint8)
 
 
 def _unreadable_error(failed) -> DataError:
@@ -75,7 +82,8 @@ def _none_readable(failed) -> DataError:
                    f'train on; the first: {failed[0][1]}')
 
 
-def decode_all(paths, image_size: int, skip_corrupt: bool = False, workers: int | None = None):
+def decode_all(paths, image_size: int, skip_corrupt: bool = False, workers: int | None = None,
+               bit_depth: int = DEFAULT_BIT_DEPTH):
   """(images [n, s, s, 3] uint8, indices of `paths` kept, notes).
 
   A file that cannot be decoded stops everything with its name, unless
@@ -99,7 +107,7 @@ def decode_all(paths, image_size: int, skip_corrupt: bool = False, workers: int 
 
   def work(i):
     try:
-      images[i] = decode_image(paths[i], image_size)
+      images[i] = decode_image(paths[i], image_size, bit_depth)
       return None
     except DataError as error:
       return i, str(error)

@@ -15,8 +15,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from imbal_jax.data.imagefiles import (IMAGE_SUFFIXES, decode_image, left_out_notes,
-                                       sort_files, walk_files)
+from imbal_jax.data.imagefiles import (DEFAULT_BIT_DEPTH, IMAGE_SUFFIXES, decode_image,
+                                       left_out_notes, sort_files, walk_files)
 from imbal_jax.data.sources import DataError
 
 # ITU-R BT.601 luma, the weights PIL's convert('L') uses.
@@ -52,14 +52,16 @@ def conform(image: np.ndarray, image_shape) -> np.ndarray:
   return image
 
 
-def _read_file(path: pathlib.Path, image_shape) -> np.ndarray:
+def _read_file(path: pathlib.Path, image_shape,
+               bit_depth: int = DEFAULT_BIT_DEPTH) -> np.ndarray:
   if not path.is_file():
     raise DataError(f'{path}: no such file.')
   # Decoded as the training images were (RGB, shorter side resized, centre crop).
-  return conform(decode_image(path, image_shape[0]), image_shape)
+  return conform(decode_image(path, image_shape[0], bit_depth), image_shape)
 
 
-def _folder_inputs(root: pathlib.Path, image_shape) -> Inputs:
+def _folder_inputs(root: pathlib.Path, image_shape,
+                   bit_depth: int = DEFAULT_BIT_DEPTH) -> Inputs:
   # Listed as the training reader lists folders (symlinked sub-folders followed).
   images, others, hidden = sort_files(root, walk_files(root))
   if not images:
@@ -67,10 +69,12 @@ def _folder_inputs(root: pathlib.Path, image_shape) -> Inputs:
                        ' in it or its sub-folders.')
   # Said, not silently skipped: a .dcm or .jp2 may be meant as an image.
   notes = left_out_notes(root, others, hidden)
-  return Inputs([str(p) for p in images], lambda i: _read_file(images[i], image_shape), notes)
+  return Inputs([str(p) for p in images],
+                lambda i: _read_file(images[i], image_shape, bit_depth), notes)
 
 
-def _csv_inputs(csv_path: pathlib.Path, image_shape) -> Inputs:
+def _csv_inputs(csv_path: pathlib.Path, image_shape,
+                bit_depth: int = DEFAULT_BIT_DEPTH) -> Inputs:
   try:
     # utf-8-sig: spreadsheet programs start CSVs with a byte-order mark.
     with csv_path.open(newline='', encoding='utf-8-sig') as handle:
@@ -89,7 +93,7 @@ def _csv_inputs(csv_path: pathlib.Path, image_shape) -> Inputs:
   def read(i):
     if not names[i].strip():
       raise DataError(f'{csv_path}: row {i + 1} has an empty path.')
-    return _read_file(csv_path.parent / names[i], image_shape)
+    return _read_file(csv_path.parent / names[i], image_shape, bit_depth)
 
   labels = [(row.get('label') or '').strip() for row in rows] if 'label' in columns else None
   return Inputs(names, read, labels=labels)
@@ -152,22 +156,26 @@ def file_decoding_note(image_shape) -> str:
           + (', then made grey (ITU-R 601 luma)' if channels == 1 else '') + '.')
 
 
-def read_inputs(path: str | pathlib.Path, image_shape) -> Inputs:
-  """The inputs at `path`: a folder of images, a .npz, a CSV with a path column, or an image."""
+def read_inputs(path: str | pathlib.Path, image_shape,
+                bit_depth: int = DEFAULT_BIT_DEPTH) -> Inputs:
+  """The inputs at `path`: a folder of images, a .npz, a CSV with a path column, or an image.
+
+  `bit_depth`: the training run's config.bit_depth, for 16-bit image files.
+  """
   path = pathlib.Path(path)
   image_shape = tuple(image_shape)
   if not path.exists():
     raise PredictError(f'--input={path} does not exist.')
   if path.is_dir():
-    found = _folder_inputs(path, image_shape)
+    found = _folder_inputs(path, image_shape, bit_depth)
   else:
     suffix = path.suffix.lower()
     if suffix == '.npz':
       return _npz_inputs(path, image_shape)  # its own note says how it is conformed
     if suffix == '.csv':
-      found = _csv_inputs(path, image_shape)
+      found = _csv_inputs(path, image_shape, bit_depth)
     elif suffix in IMAGE_SUFFIXES:
-      found = Inputs([str(path)], lambda i: _read_file(path, image_shape))
+      found = Inputs([str(path)], lambda i: _read_file(path, image_shape, bit_depth))
     else:
       found = None
   if found is not None:

@@ -273,8 +273,9 @@ def idx(config) -> Source:
 def _image_source(config, name: str, paths, labels, class_names, groups=None,
                   notes=()) -> Source:
   sources.check_splits_before_decoding(config, labels, class_names, groups)
-  images, kept, decode_notes = imagefiles.decode_all(paths, config.image_size,
-                                                     skip_corrupt=config.skip_corrupt)
+  images, kept, decode_notes = imagefiles.decode_all(
+      paths, config.image_size, skip_corrupt=config.skip_corrupt,
+      bit_depth=config.get('bit_depth') or imagefiles.DEFAULT_BIT_DEPTH)
   notes = tuple(notes) + decode_notes
   labels = np.asarray(labels, np.int32)[kept]
   return Source(name, tuple(class_names), {'train': Split(images, labels)}, notes=notes,
@@ -343,6 +344,13 @@ def prepared(config) -> Source:
             for code, part in enumerate(('train', 'val', 'test')) if np.any(parts == code)}
   if 'train' not in splits:
     raise DataError(damaged.format('it holds no training images'))
+  # The run records the depth the cache was decoded with, so that predict decodes
+  # image files as these were (caches written before the field: 16).
+  prepared_depth = meta.get('bit_depth', imagefiles.DEFAULT_BIT_DEPTH)
+  if config.get('bit_depth') and config.bit_depth != prepared_depth:
+    raise DataError(f'config.bit_depth={config.bit_depth}, but {directory} was prepared with '
+                    f'--bit_depth={prepared_depth}: set --config.bit_depth={prepared_depth}, or '
+                    f'prepare the cache again with --bit_depth={config.bit_depth}.')
   groups = None
   if (directory / 'groups.npy').is_file():  # written where prepare had --groups_csv
     groups = np.load(directory / 'groups.npy')
