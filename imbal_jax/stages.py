@@ -117,7 +117,7 @@ def jit_train_step(step_fn, mesh, num_extra_args: int = 0, pixel_stats=None):
 
 
 def pixel_stats(data_info) -> tuple[np.ndarray, np.ndarray]:
-  """The training split's per-channel pixel mean and std (train.describe_data), float32."""
+  """The training split's per-channel pixel mean and std (run_data.describe_data), float32."""
   return (np.asarray(data_info['pixel_mean'], np.float32),
           np.asarray(data_info['pixel_std'], np.float32))
 

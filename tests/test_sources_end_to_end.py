@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imbal_jax import prepare, train
+from imbal_jax import prepare, run_data, train
 from test_configuration import load_config
 from test_readers import write_tiny_tfds
 
@@ -118,16 +118,16 @@ def test_an_image_added_to_the_folder_is_refused_on_resume(tmp_path):
                 imbalance_ratio=None, val_fraction=0.2, test_fraction=0.2)
   workdir = tmp_path / 'run'
   workdir.mkdir()
-  dataset = train.load_dataset(config, workdir)
-  (workdir / 'data.json').write_text(json.dumps(train.describe_data(dataset, config.seed)))
-  resumed = train.load_dataset(config, workdir)  # unchanged data: the same splits
+  dataset = run_data.load_dataset(config, workdir)
+  (workdir / 'data.json').write_text(json.dumps(run_data.describe_data(dataset, config.seed)))
+  resumed = run_data.load_dataset(config, workdir)  # unchanged data: the same splits
   for split in ('train', 'val', 'test'):
     np.testing.assert_array_equal(resumed.splits[split].index, dataset.splits[split].index)
   Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(tmp_path / 'images' / 'class_0' / '00.png')
   with pytest.raises(train.sources.DataError, match=r"config.dataset='folder' at .*images "
                      r"changed since .*data.json was written: its images \(all of them, "
                      r"before the splits are carved\) were 40, now 41"):
-    train.load_dataset(config, workdir)
+    run_data.load_dataset(config, workdir)
 
 
 def test_pixel_statistics_match_numpy_over_chunks(tmp_path, monkeypatch):
@@ -135,9 +135,9 @@ def test_pixel_statistics_match_numpy_over_chunks(tmp_path, monkeypatch):
   images = rng.integers(0, 256, (50, 4, 5, 3), dtype=np.uint8)
   images[..., 2] = 7  # a constant channel: its std is floored, not zero
   split = train.sources.Split(images, np.zeros(50, np.int32))
-  monkeypatch.setattr(train, 'PIXEL_CHUNK', 8)  # several chunks, the last one short
-  monkeypatch.setattr(train, 'PIXEL_SAMPLE', 30)  # a sample of the split, seeded
-  mean, std = train.pixel_statistics(split, seed=3)
+  monkeypatch.setattr(run_data, 'PIXEL_CHUNK', 8)  # several chunks, the last one short
+  monkeypatch.setattr(run_data, 'PIXEL_SAMPLE', 30)  # a sample of the split, seeded
+  mean, std = run_data.pixel_statistics(split, seed=3)
   rows = np.sort(np.random.default_rng(3).permutation(50)[:30])
   reference = images[rows].astype(np.float64) / 255.0
   np.testing.assert_allclose(mean, reference.mean(axis=(0, 1, 2)), rtol=1e-12)
@@ -152,10 +152,10 @@ def test_stage2_normalises_with_the_stage1_statistics(tmp_path):
                                                   'pixel_std': [0.4, 0.5, 0.6]}))
   config = load_config('stage2')
   config.update(init_from=str(tmp_path))
-  assert train.stage1_pixel_stats(config) == ([0.1, 0.2, 0.3], [0.4, 0.5, 0.6])
-  assert train.stage1_pixel_stats(load_config('stage1')) is None
+  assert run_data.stage1_pixel_stats(config) == ([0.1, 0.2, 0.3], [0.4, 0.5, 0.6])
+  assert run_data.stage1_pixel_stats(load_config('stage1')) is None
   dataset = train.sources.load(load_config('stage1'))  # digits
-  info = train.describe_data(dataset, 0, train.stage1_pixel_stats(config))
+  info = run_data.describe_data(dataset, 0, run_data.stage1_pixel_stats(config))
   assert (info['pixel_mean'], info['pixel_std']) == ([0.1, 0.2, 0.3], [0.4, 0.5, 0.6])
 
 
@@ -178,7 +178,7 @@ def test_stage2_run_hands_the_stage1_statistics_to_its_data(tmp_path, monkeypatc
   (stage1 / 'best' / '1').mkdir(parents=True)  # as a finished stage-1 run has
   (stage1 / 'report.json').write_text('{}')  # finished
   (stage1 / 'config.json').write_text(json.dumps(load_config('stage1').to_dict()))
-  described = train.describe_data(train.sources.load(load_config('stage1')), 0)  # digits
+  described = run_data.describe_data(run_data.sources.load(load_config('stage1')), 0)  # digits
   described.update(pixel_mean=[0.1, 0.2, 0.3], pixel_std=[0.4, 0.5, 0.6])
   (stage1 / 'data.json').write_text(json.dumps(described))
   seen = []
