@@ -5,13 +5,21 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# oneDNN's convolutions for CPU runs (imbal_jax/cpu_conv.py). Built where g++ and oneDNN's
+# headers are installed (Debian/Ubuntu: apt-get install g++ libdnnl-dev); elsewhere CPU
+# runs use XLA's own convolutions, about half as fast, and the build says so.
+CPU_CONV := imbal_jax/native/libimbal_onednn_conv.so
 DEMO_DIR ?= runs/demo
 # Compiled programs are cached across runs: the second `make demo` starts faster.
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
 
-.PHONY: install demo test clean
+.PHONY: install demo test clean cpu-conv
 
-install: $(STAMP)
+install: $(STAMP) cpu-conv
+
+cpu-conv: $(STAMP)
+	@[ -f $(CPU_CONV) ] && [ $(CPU_CONV) -nt imbal_jax/native/onednn_conv.cc ] \
+	    && [ $(CPU_CONV) -nt $(STAMP) ] || $(BIN)/python -m imbal_jax.cpu_conv build --if-possible
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "imbal_jax needs Python >= 3.11, found " + sys.version.split()[0]'
@@ -20,7 +28,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	@touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) cpu-conv
 	$(BIN)/python -m imbal_jax.main --config=configs/stage1.py --workdir=$(DEMO_DIR)/stage1
 	$(BIN)/python -m imbal_jax.main --config=configs/stage2.py --workdir=$(DEMO_DIR)/stage2 \
 	    --config.init_from=$(DEMO_DIR)/stage1
@@ -33,9 +41,9 @@ demo: $(STAMP)
 # 2-core development machine three workers took 7:45 to 9:20 (3 runs) where two took
 # 9:34 and 9:41 (fresh clones, cold compilation cache). The multi-process tests then
 # run alone, since their processes must meet within gloo's fixed 30 s rendezvous limit.
-test: $(STAMP)
+test: $(STAMP) cpu-conv
 	$(BIN)/python -m pytest -n 3 --dist loadfile --no-loadscope-reorder -m 'not multiprocess'
 	$(BIN)/python -m pytest -m multiprocess
 
 clean:
-	rm -rf $(VENV) .cache runs
+	rm -rf $(VENV) .cache runs $(CPU_CONV)

@@ -35,7 +35,8 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from imbal_jax import configuration, distributed, host_memory, launch_flags, sharding, stages
+from imbal_jax import (configuration, cpu_conv, distributed, host_memory, launch_flags, sharding,
+                       stages)
 from imbal_jax import steps as steps_lib
 from imbal_jax.data import pipeline, sources
 from imbal_jax.flops import matmul_flops, peak_flops
@@ -95,6 +96,8 @@ def environment(config, dtype: str) -> dict[str, Any]:
       'dtype': dtype,
       # CPU: whether freed host buffers stayed mapped (imbal_jax.host_memory).
       'host_memory_retained': host_memory.retained(),
+      # CPU: 'onednn' or 'xla', which computed the convolutions (imbal_jax.cpu_conv).
+      'cpu_convolutions': cpu_conv.backend(),
   }
 
 
@@ -393,6 +396,7 @@ def main(argv):
     # of a multi-process run join; alone, on CPU, one device per core (a count that the
     # batch, its micro-batches and the evaluation batch divide, as training picks it).
     host_memory.retain_freed_memory()
+    cpu_conv.available()  # IMBAL_JAX_CPU_CONV checked before any work
     if not distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id):
       distributed.use_cpu_cores(distributed.config_batch_sizes(config))
@@ -402,7 +406,7 @@ def main(argv):
   except distributed.LaunchError as error:
     print(f'imbal_jax: launch error: {error}', file=sys.stderr)
     sys.exit(2)
-  except (BenchmarkError, configuration.ConfigError) as error:
+  except (BenchmarkError, configuration.ConfigError, cpu_conv.CpuConvError) as error:
     print(f'imbal_jax: benchmark error: {error}', file=sys.stderr)
     sys.exit(2)
   if jax.process_index() == 0:

@@ -29,6 +29,8 @@ from typing import Sequence
 
 import jax
 
+from imbal_jax import cpu_conv
+
 # SLURM variables JAX's own SLURM detection reads; SLURM_STEP_NODELIST exists only
 # inside a job step (srun), not in the batch script that calls srun.
 _SLURM_VARIABLES = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PROCID',
@@ -137,8 +139,12 @@ def cpu_device_count(batch_sizes: Sequence[int], cores: int | None = None) -> in
 
 
 def use_cpu_cores(batch_sizes: Sequence[int], cores: int | None = None) -> int | None:
-  """On CPU, one JAX device per core, so that the data-parallel step spreads over the cores.
+  """On CPU, one JAX device per core, so that the data-parallel step spreads over the cores;
+  one device where oneDNN's convolutions are on (imbal_jax.cpu_conv).
 
+  oneDNN spreads each convolution over the cores itself: on this project's 2-core
+  development machine the `cifar10_lt` stage-1 step ran at 340-420 images/s on one
+  device and 190 on two (both devices' oneDNN calls then share the two cores).
   A single CPU device left this project's stage-1 step short of the cores'
   throughput while XLA ran convolutions through YNNPACK (2 cores: 105 images/s on 1
   device, 150 on 2; with Eigen's convolutions, since, the two are within the noise
@@ -155,7 +161,9 @@ def use_cpu_cores(batch_sizes: Sequence[int], cores: int | None = None) -> int |
             or 'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', ''))
   if chosen:
     return None
-  count = cpu_device_count(batch_sizes, cores)
+  # oneDNN's convolutions (imbal_jax.cpu_conv) spread each call over the cores
+  # themselves, and run on a single device only.
+  count = 1 if cpu_conv.available() else cpu_device_count(batch_sizes, cores)
   try:
     jax.config.update('jax_num_cpu_devices', count)
   except RuntimeError:  # the backends have started: their device count stays

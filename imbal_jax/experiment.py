@@ -119,7 +119,7 @@ def keep_compiled_programs(workdir: pathlib.Path) -> None:
 def execute(plan: Plan, command_line: str = '') -> int:
   """Trains the pending runs in order; returns the exit status (0: every run finished)."""
   import jax  # after flag parsing, as in imbal_jax.main
-  from imbal_jax import checkpoint, distributed, host_memory, train
+  from imbal_jax import checkpoint, cpu_conv, distributed, host_memory, train
   launcher = distributed.detected_launcher()
   if launcher is not None:
     # Each process would run every run on its own, all writing the same workdir.
@@ -129,6 +129,11 @@ def execute(plan: Plan, command_line: str = '') -> int:
           'with python -m imbal_jax.report.', file=sys.stderr)
     return 2
   host_memory.retain_freed_memory()
+  try:
+    cpu_conv.available()  # IMBAL_JAX_CPU_CONV checked before any run
+  except cpu_conv.CpuConvError as error:
+    print(f'imbal_jax.experiment: config error: {error}', file=sys.stderr)
+    return 2
   distributed.use_cpu_cores([size for run in plan.runs
                              for size in distributed.config_batch_sizes(run.config)])
   keep_compiled_programs(plan.workdir)

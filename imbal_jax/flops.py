@@ -48,6 +48,18 @@ def _sub_jaxprs(value):
       yield from _sub_jaxprs(item)
 
 
+# imbal_jax.cpu_conv's FFI targets -> (the forward convolution's NHWC output shape,
+# its HWIO filter shape), from the operands and result of the call.
+_ONEDNN_SHAPES = {
+    'imbal_onednn_conv_forward':  # (x, w) -> y
+        lambda eqn: (eqn.outvars[0].aval.shape, eqn.invars[1].aval.shape),
+    'imbal_onednn_conv_input_gradient':  # (dy, w) -> dx
+        lambda eqn: (eqn.invars[0].aval.shape, eqn.invars[1].aval.shape),
+    'imbal_onednn_conv_filter_gradient':  # (x, dy) -> dw
+        lambda eqn: (eqn.invars[1].aval.shape, eqn.outvars[0].aval.shape),
+}
+
+
 def matmul_flops(jaxpr) -> float:
   """FLOPs of the convolutions and matrix products of `jaxpr`, 2 per multiply-add.
 
@@ -56,7 +68,8 @@ def matmul_flops(jaxpr) -> float:
   2 * output elements * (kernel elements / output features), taps over padding
   included (the convention of published ResNet FLOP counts), divided by the
   input dilation (the zeros a strided convolution's input gradient inserts are
-  not work); each dot_general as 2 * output elements * contracted size. Other
+  not work), and each oneDNN call of imbal_jax.cpu_conv as its forward
+  convolution; each dot_general as 2 * output elements * contracted size. Other
   operations (batch norm, activations, the optimizer) are left out, as in the
   usual model-FLOP definition of MFU. A scan counts its body `length` times, a
   cond its costliest branch, a while loop its body once.
@@ -75,6 +88,11 @@ def matmul_flops(jaxpr) -> float:
       out_features = kernel[eqn.params['dimension_numbers'].rhs_spec[0]]
       total += (2 * math.prod(out) * math.prod(kernel) / out_features
                 / math.prod(eqn.params['lhs_dilation']))
+    elif name == 'ffi_call' and eqn.params['target_name'] in _ONEDNN_SHAPES:
+      # imbal_jax.cpu_conv's oneDNN convolution, input gradient or filter gradient:
+      # each the work of its forward convolution, as XLA's three are counted above.
+      out, kernel = _ONEDNN_SHAPES[eqn.params['target_name']](eqn)
+      total += 2 * math.prod(out) * math.prod(kernel) / kernel[3]
     elif name == 'dot_general':
       (lhs_contracting, _), _ = eqn.params['dimension_numbers']
       lhs = eqn.invars[0].aval.shape

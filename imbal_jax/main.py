@@ -30,7 +30,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   # Imported here so that --help and flag errors come back before JAX starts.
-  from imbal_jax import checkpoint, configuration, distributed, host_memory, train, workdir
+  from imbal_jax import (checkpoint, configuration, cpu_conv, distributed, host_memory, train,
+                         workdir)
   from imbal_jax.data.sources import DataError
 
   if not FLAGS['verbosity'].present:
@@ -41,6 +42,7 @@ def main(argv):
   expected = (
       (distributed.LaunchError, 'launch error: ', 2),
       (configuration.ConfigError, 'config error: ', 2),
+      (cpu_conv.CpuConvError, 'config error: ', 2),
       (DataError, 'data error: ', 2),
       (workdir.WorkdirError, 'workdir error: ', 2),
       (checkpoint.CheckpointError, 'checkpoint error: ', 2),
@@ -51,6 +53,7 @@ def main(argv):
     # Before anything starts JAX's backends: the allocator's settings (CPU only), then
     # the processes of a multi-process run join.
     host_memory.retain_freed_memory()
+    cpu_conv.available()  # IMBAL_JAX_CPU_CONV checked before any work
     if not distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id):
       distributed.use_cpu_cores(distributed.config_batch_sizes(FLAGS.config))

@@ -24,8 +24,8 @@ import optax
 from tqdm import tqdm
 
 import imbal_jax
-from imbal_jax import (checkpoint, classifiers, configuration, metrics, reporting, sharding,
-                       stages, steps)
+from imbal_jax import (checkpoint, classifiers, configuration, cpu_conv, metrics, reporting,
+                       sharding, stages, steps)
 from imbal_jax import workdir as workdir_lib
 from imbal_jax.data import pipeline, sources
 from imbal_jax.run_data import describe_data, load_dataset, stage1_pixel_stats
@@ -69,6 +69,9 @@ def _environment() -> dict[str, Any]:
       'optax': optax.__version__, 'python': platform.python_version(),
       'device_kind': jax.devices()[0].device_kind, 'device_count': jax.device_count(),
       'process_count': jax.process_count(),
+      # 'onednn' or 'xla': which computed a CPU run's convolutions (imbal_jax.cpu_conv);
+      # the two agree to float32 rounding, not bit for bit.
+      'cpu_convolutions': cpu_conv.backend(),
   }
 
 

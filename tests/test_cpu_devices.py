@@ -65,7 +65,9 @@ print(chosen, jax.device_count(), jax.default_backend())
 
 
 def probe(env_changes, before=''):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=TEST_XLA_FLAGS)
+  # XLA's convolutions: with oneDNN's, a CPU command takes one device (test_cpu_conv.py).
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=TEST_XLA_FLAGS,
+             IMBAL_JAX_CPU_CONV='xla')
   env.pop('JAX_NUM_CPU_DEVICES', None)
   env.update(env_changes)
   result = subprocess.run([sys.executable, '-c', PROBE.format(before=before)], cwd=ROOT,

@@ -23,6 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from imbal_jax import cpu_conv
+
 ModuleDef = Any
 
 
@@ -118,7 +120,10 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = True):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, padding='SAME')
+    # On CPU, oneDNN computes the float32 convolutions where its kernels are built
+    # (imbal_jax.cpu_conv); elsewhere this is lax.conv_general_dilated.
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, padding='SAME',
+                             conv_general_dilated=cpu_conv.conv_general_dilated)
     norm = functools.partial(BatchNorm, use_running_average=not train, dtype=self.dtype)
     x = x.astype(self.dtype)
     if self.small_stem:

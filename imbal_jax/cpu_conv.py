@@ -1,0 +1,252 @@
+"""oneDNN's convolutions for programs that run on CPU (XLA FFI custom calls).
+
+XLA's CPU backend computes convolutions with Eigen. On this project's 2-core
+development machine those took about twice as long as oneDNN's (the library
+behind PyTorch's CPU convolutions), the filter gradients 2.3-5x, which was the
+whole gap between imbal_jax's CPU step and eager PyTorch's (docs/performance.md).
+`imbal_jax/native/onednn_conv.cc` computes a 2-D convolution, its input gradient
+and its filter gradient with oneDNN as three XLA FFI handlers; this module builds
+that library, registers the handlers and exposes `conv_general_dilated`, which
+Flax's `nn.Conv` calls in place of `lax.conv_general_dilated`.
+
+`conv_general_dilated` sends a convolution to oneDNN only where all of these hold,
+and to `lax.conv_general_dilated` otherwise, so a model compiles everywhere:
+- the library is built and loaded (`make` builds it where a C++ compiler and
+  oneDNN's headers are installed: Debian/Ubuntu `g++ libdnnl-dev`);
+- `IMBAL_JAX_CPU_CONV` is not `xla` (`onednn` demands the library, `auto`, the
+  default, uses it where it is built);
+- JAX's default backend is the CPU (a GPU or TPU run never calls it);
+- float32 NHWC activations and an HWIO filter, 2-D, no input dilation, one
+  feature group (every convolution of imbal_jax's ResNets).
+
+Its gradients are oneDNN's too (a custom VJP). oneDNN parallelises each call
+over the cores itself (OpenMP), so with it a CPU run uses one JAX device
+(`distributed.use_cpu_cores`), and `auto` leaves programs of a process with
+several devices (a count the user forced, a multi-process run) to XLA: see
+`active`. Results agree with XLA's convolutions to float32
+rounding, not bit for bit, so `report.json` and the benchmark record which ran.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax import lax
+
+ENV_SWITCH = 'IMBAL_JAX_CPU_CONV'
+CHOICES = ('auto', 'onednn', 'xla')
+SOURCE = Path(__file__).resolve().parent / 'native' / 'onednn_conv.cc'
+LIBRARY = SOURCE.with_name('libimbal_onednn_conv.so')
+TARGETS = {
+    'imbal_onednn_conv_forward': 'ImbalConvForward',
+    'imbal_onednn_conv_input_gradient': 'ImbalConvInputGradient',
+    'imbal_onednn_conv_filter_gradient': 'ImbalConvFilterGradient',
+}
+NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+class CpuConvError(RuntimeError):
+  """The oneDNN convolutions were asked for and cannot be built or loaded."""
+
+
+def choice() -> str:
+  value = os.environ.get(ENV_SWITCH, 'auto').strip().lower() or 'auto'
+  if value not in CHOICES:
+    raise CpuConvError(f'{ENV_SWITCH}={value!r} is not one of {", ".join(CHOICES)}.')
+  return value
+
+
+def build_command(output: Path = LIBRARY, compiler: str | None = None) -> list[str]:
+  compiler = compiler or os.environ.get('CXX') or 'g++'
+  return [compiler, '-O2', '-std=c++17', '-shared', '-fPIC', '-w',
+          f'-I{jax.ffi.include_dir()}', str(SOURCE), '-ldnnl', '-o', str(output)]
+
+
+def build(output: Path = LIBRARY, quiet: bool = False) -> Path:
+  """Compiles the oneDNN handlers into `output`; CpuConvError names what is missing."""
+  command = build_command(output)
+  if shutil.which(command[0]) is None:
+    raise CpuConvError(f'no C++ compiler {command[0]!r} found; install one (Debian/Ubuntu: '
+                       f'apt-get install g++ libdnnl-dev) or set CXX.')
+  output.parent.mkdir(parents=True, exist_ok=True)
+  partial = output.with_name(output.name + '.partial')
+  command[-1] = str(partial)
+  result = subprocess.run(command, capture_output=True, text=True, check=False)
+  if result.returncode:
+    missing = 'dnnl.hpp' in result.stderr or 'ldnnl' in result.stderr
+    hint = (' oneDNN is not installed: apt-get install libdnnl-dev (Debian/Ubuntu).'
+            if missing else '')
+    raise CpuConvError(f'building {output.name} failed:{hint}\n{result.stderr[-2000:]}')
+  os.replace(partial, output)
+  if not quiet:
+    print(f'imbal_jax: built {output}', file=sys.stderr)
+  return output
+
+
+@functools.cache
+def _load(path: str) -> bool:
+  library = ctypes.cdll.LoadLibrary(path)
+  for target, symbol in TARGETS.items():
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
+                                platform='cpu')
+  return True
+
+
+def available() -> bool:
+  """Whether the oneDNN convolutions are on: chosen (or `auto`) and the library loads.
+
+  With `IMBAL_JAX_CPU_CONV=onednn` a missing or unloadable library is an error
+  that says how to build it; with `auto` it means XLA's convolutions.
+  """
+  wanted = choice()
+  if wanted == 'xla':
+    return False
+  if not LIBRARY.exists():
+    if wanted == 'onednn':
+      raise CpuConvError(
+          f'{ENV_SWITCH}=onednn but {LIBRARY} is not built; run `make` (or '
+          f'`python -m imbal_jax.cpu_conv build`), which needs g++ and libdnnl-dev.')
+    return False
+  try:
+    return _load(str(LIBRARY))
+  except OSError as error:
+    if wanted == 'onednn':
+      raise CpuConvError(f'{LIBRARY} does not load ({error}); rebuild it with '
+                         f'`python -m imbal_jax.cpu_conv build`.') from error
+    return False
+
+
+def active() -> bool:
+  """Whether convolutions traced now go to oneDNN.
+
+  On the CPU backend, where the library is on and, unless `IMBAL_JAX_CPU_CONV=onednn`,
+  the run has a single JAX device. XLA cannot split a custom call along a sharded
+  batch: on several devices it gathers the whole batch onto each of them and every
+  device computes every convolution (correct, but no faster than XLA's own), and
+  oneDNN already spreads one call over all cores.
+  """
+  if jax.default_backend() != 'cpu' or not available():
+    return False
+  return choice() == 'onednn' or jax.device_count() == 1
+
+
+def backend() -> str | None:
+  """'onednn' or 'xla': which computes the convolutions of a CPU program traced now;
+  None where JAX's default backend is not the CPU."""
+  if jax.default_backend() != 'cpu':
+    return None
+  return 'onednn' if active() else 'xla'
+
+
+def _attributes(strides, padding, dilation) -> dict[str, np.ndarray]:
+  return {'strides': np.asarray(strides, np.int64),
+          'pad_lo': np.asarray([low for low, _ in padding], np.int64),
+          'pad_hi': np.asarray([high for _, high in padding], np.int64),
+          'dilation': np.asarray(dilation, np.int64)}
+
+
+def _call(target: str, shape, *operands, geometry):
+  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, np.float32),
+                          vmap_method='sequential')(*operands, **_attributes(*geometry))
+
+
+def output_shape(x_shape, w_shape, strides, padding, dilation) -> tuple[int, ...]:
+  spatial = []
+  for size, window, stride, (low, high), rate in zip(
+      x_shape[1:3], w_shape[:2], strides, padding, dilation):
+    spatial.append((size + low + high - (rate * (window - 1) + 1)) // stride + 1)
+  return (x_shape[0], *spatial, w_shape[3])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def onednn_conv(x, w, geometry):
+  """NHWC x HWIO -> NHWC; geometry = (strides, ((low, high), ...), filter dilation)."""
+  return _call('imbal_onednn_conv_forward', output_shape(x.shape, w.shape, *geometry), x, w,
+               geometry=geometry)
+
+
+def _forward(x, w, geometry):
+  return onednn_conv(x, w, geometry), (x, w)
+
+
+def _backward(geometry, residuals, grad):
+  x, w = residuals
+  dx = _call('imbal_onednn_conv_input_gradient', x.shape, grad, w, geometry=geometry)
+  dw = _call('imbal_onednn_conv_filter_gradient', w.shape, x, grad, geometry=geometry)
+  return dx, dw
+
+
+onednn_conv.defvjp(_forward, _backward)
+
+
+def _is_nhwc(dimension_numbers) -> bool:
+  if dimension_numbers is None:
+    return False
+  if isinstance(dimension_numbers, lax.ConvDimensionNumbers):
+    return dimension_numbers == lax.conv_dimension_numbers(
+        (1, 1, 1, 1), (1, 1, 1, 1), NHWC)
+  return tuple(dimension_numbers) == NHWC
+
+
+def supported(lhs, rhs, lhs_dilation, dimension_numbers, feature_group_count,
+              batch_group_count, preferred_element_type) -> bool:
+  """Whether oneDNN's handlers compute this convolution (see the module's list)."""
+  return (lhs.ndim == 4 and rhs.ndim == 4
+          and lhs.dtype == np.float32 and rhs.dtype == np.float32
+          and preferred_element_type in (None, np.float32)
+          and _is_nhwc(dimension_numbers)
+          and all(rate == 1 for rate in (lhs_dilation or (1, 1)))
+          and feature_group_count == 1 and batch_group_count == 1)
+
+
+def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding: Any,
+                         lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+                         feature_group_count: int = 1, batch_group_count: int = 1,
+                         precision=None, preferred_element_type=None):
+  """`lax.conv_general_dilated`, with oneDNN computing it where `supported` and `active`."""
+  if active() and supported(lhs, rhs, lhs_dilation, dimension_numbers, feature_group_count,
+                            batch_group_count, preferred_element_type):
+    dilation = tuple(rhs_dilation or (1, 1))
+    if isinstance(padding, str):
+      dilated = [rate * (size - 1) + 1 for rate, size in zip(dilation, rhs.shape[:2])]
+      padding = lax.padtype_to_pads(lhs.shape[1:3], dilated, window_strides, padding)
+    geometry = (tuple(int(s) for s in window_strides),
+                tuple((int(low), int(high)) for low, high in padding),
+                tuple(int(rate) for rate in dilation))
+    return onednn_conv(lhs, rhs, geometry)
+  return lax.conv_general_dilated(
+      lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+      precision=precision, preferred_element_type=preferred_element_type)
+
+
+def main(argv: Sequence[str]) -> int:
+  """`python -m imbal_jax.cpu_conv build [--if-possible]`: compile the library."""
+  args = list(argv[1:])
+  if not args or args[0] != 'build' or set(args[1:]) - {'--if-possible'}:
+    print('usage: python -m imbal_jax.cpu_conv build [--if-possible]', file=sys.stderr)
+    return 2
+  try:
+    build()
+  except CpuConvError as error:
+    if '--if-possible' in args:
+      print(f'imbal_jax: oneDNN convolutions not built, CPU runs use XLA\'s '
+            f'({str(error).splitlines()[0]})', file=sys.stderr)
+      return 0
+    print(f'imbal_jax: {error}', file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv))

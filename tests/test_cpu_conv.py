@@ -1,0 +1,263 @@
+"""oneDNN's convolutions on CPU (imbal_jax.cpu_conv): values and gradients against a
+float64 NumPy convolution, when they are used and when XLA's are, the FLOP count, and
+the errors of a missing library or compiler."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from conftest import ROOT, TEST_XLA_FLAGS
+from imbal_jax import cpu_conv, flops
+from imbal_jax.models import make_encoder
+
+built = pytest.mark.skipif(
+    not cpu_conv.LIBRARY.exists(),
+    reason=f'{cpu_conv.LIBRARY.name} is not built (make builds it where g++ and libdnnl-dev '
+           'are installed; .ci/run installs them)')
+NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+@pytest.fixture
+def onednn(monkeypatch):
+  """oneDNN on, whatever the device count (the suite forces 8 CPU devices)."""
+  monkeypatch.setenv(cpu_conv.ENV_SWITCH, 'onednn')
+
+
+def numpy_conv(x, w, strides, padding, dilation, g):
+  """y = conv(x, w) and, for the loss sum(y * g), dL/dx and dL/dw, in float64 by loops
+  over the filter taps: y[n, i, j, o] = sum over (a, b, c) of
+  xpad[n, i*s + a*d, j*s + b*d, c] * w[a, b, c, o]."""
+  x, w, g = (np.asarray(v, np.float64) for v in (x, w, g))
+  (sh, sw), ((top, bottom), (left, right)), (dh, dw_) = strides, padding, dilation
+  xpad = np.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+  kh, kw = w.shape[:2]
+  out_h = (xpad.shape[1] - (dh * (kh - 1) + 1)) // sh + 1
+  out_w = (xpad.shape[2] - (dw_ * (kw - 1) + 1)) // sw + 1
+  y = np.zeros((x.shape[0], out_h, out_w, w.shape[3]))
+  dxpad = np.zeros_like(xpad)
+  dw = np.zeros_like(w)
+  for a in range(kh):
+    for b in range(kw):
+      rows = slice(a * dh, a * dh + sh * (out_h - 1) + 1, sh)
+      cols = slice(b * dw_, b * dw_ + sw * (out_w - 1) + 1, sw)
+      patch = xpad[:, rows, cols, :]
+      y += patch @ w[a, b]
+      dw[a, b] = np.einsum('nijc,nijo->co', patch, g)
+      dxpad[:, rows, cols, :] += g @ w[a, b].T
+  dx = dxpad[:, top:top + x.shape[1], left:left + x.shape[2], :]
+  return y, dx, dw
+
+
+GEOMETRIES = [
+    # (batch, height, width, in, out, kernel, strides, padding, filter dilation)
+    (3, 9, 9, 3, 5, (3, 3), (1, 1), 'SAME', (1, 1)),
+    (2, 8, 8, 4, 6, (3, 3), (2, 2), 'SAME', (1, 1)),  # ResNet downsampling: pads (0, 1)
+    (2, 7, 6, 5, 4, (1, 1), (2, 2), 'VALID', (1, 1)),  # a projection shortcut
+    (2, 11, 10, 3, 4, (7, 7), (2, 2), ((3, 3), (2, 3)), (1, 1)),  # a stem, uneven padding
+    (2, 10, 10, 3, 4, (3, 3), (1, 1), ((2, 2), (2, 2)), (2, 2)),  # dilated
+    (1, 5, 9, 2, 3, (3, 2), (1, 2), 'VALID', (1, 1)),  # rectangular
+]
+
+
+@built
+@pytest.mark.parametrize('geometry', GEOMETRIES)
+def test_onednn_convolution_and_gradients_match_a_numpy_convolution(onednn, geometry):
+  n, h, w_, c, o, kernel, strides, padding, dilation = geometry
+  rng = np.random.default_rng(sum(map(hash, map(str, geometry))) % 2**32)
+  x = rng.normal(size=(n, h, w_, c)).astype(np.float32)
+  w = rng.normal(size=(*kernel, c, o)).astype(np.float32)
+
+  def conv(x, w):
+    return cpu_conv.conv_general_dilated(x, w, strides, padding, rhs_dilation=dilation,
+                                         dimension_numbers=NHWC)
+
+  explicit = padding if not isinstance(padding, str) else lax.padtype_to_pads(
+      (h, w_), [d * (k - 1) + 1 for d, k in zip(dilation, kernel)], strides, padding)
+  y_shape = jax.eval_shape(conv, x, w).shape
+  g = rng.normal(size=y_shape).astype(np.float32)
+  y, vjp = jax.vjp(jax.jit(conv), x, w)
+  dx, dw = vjp(jnp.asarray(g))
+  ref_y, ref_dx, ref_dw = numpy_conv(x, w, strides, explicit, dilation, g)
+  for got, want in ((y, ref_y), (dx, ref_dx), (dw, ref_dw)):
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4)
+  # It was oneDNN: the traced program calls the three handlers.
+  jaxpr = str(jax.make_jaxpr(lambda x, w: jax.vjp(conv, x, w)[1](g))(x, w))
+  for target in cpu_conv.TARGETS:
+    assert target in jaxpr
+
+
+def _calls_onednn(fn, *args) -> bool:
+  return 'imbal_onednn_conv' in str(jax.make_jaxpr(fn)(*args))
+
+
+@built
+def test_what_onednn_does_not_compute_goes_to_xla(onednn):
+  x = jnp.ones((2, 6, 6, 4), jnp.float32)
+  w = jnp.ones((3, 3, 4, 4), jnp.float32)
+  conv = cpu_conv.conv_general_dilated
+  assert _calls_onednn(lambda x, w: conv(x, w, (1, 1), 'SAME', dimension_numbers=NHWC), x, w)
+  others = {
+      'bfloat16': lambda x, w: conv(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), (1, 1),
+                                    'SAME', dimension_numbers=NHWC),
+      'NCHW': lambda x, w: conv(x.transpose(0, 3, 1, 2), w, (1, 1), 'SAME',
+                                dimension_numbers=('NCHW', 'HWIO', 'NCHW')),
+      'groups': lambda x, w: conv(x, w[:, :, :2], (1, 1), 'SAME', dimension_numbers=NHWC,
+                                  feature_group_count=2),
+      'input dilation': lambda x, w: conv(x, w, (1, 1), ((1, 1), (1, 1)),
+                                          lhs_dilation=(2, 2), dimension_numbers=NHWC),
+  }
+  for name, fn in others.items():
+    assert not _calls_onednn(fn, x, w), name
+    expected = {'bfloat16': lambda: lax.conv_general_dilated(
+        x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), (1, 1), 'SAME',
+        dimension_numbers=NHWC)}.get(name)
+    if expected is not None:
+      np.testing.assert_array_equal(np.asarray(fn(x, w), np.float32),
+                                    np.asarray(expected(), np.float32))
+
+
+@built
+def test_auto_leaves_a_several_device_process_and_xla_choice_to_xla(monkeypatch, devices):
+  x = jnp.ones((2, 6, 6, 4), jnp.float32)
+  w = jnp.ones((3, 3, 4, 4), jnp.float32)
+  # A new function each time: JAX caches a function's trace, and the choice is made
+  # when it is traced.
+  fn = lambda: lambda x, w: cpu_conv.conv_general_dilated(x, w, (1, 1), 'SAME',
+                                                          dimension_numbers=NHWC)
+  monkeypatch.setenv(cpu_conv.ENV_SWITCH, 'auto')
+  assert len(devices) > 1 and not _calls_onednn(fn(), x, w) and cpu_conv.backend() == 'xla'
+  monkeypatch.setenv(cpu_conv.ENV_SWITCH, 'xla')
+  assert not _calls_onednn(fn(), x, w)
+  monkeypatch.setenv(cpu_conv.ENV_SWITCH, 'onednn')
+  assert _calls_onednn(fn(), x, w) and cpu_conv.backend() == 'onednn'
+
+
+@built
+@pytest.mark.parametrize('name, size', [('resnet32', 16), ('resnet18', 64)])
+def test_a_resnet_with_onednn_matches_xla(monkeypatch, name, size):
+  """The whole encoder, forward and gradients, both ways: ResNet-32's small stem and
+  padding shortcuts, ResNet-18's 7x7/2 stem and projection shortcuts (width 4)."""
+  model = make_encoder(name, width=4, image_size=size)
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=(4, size, size, 3)), jnp.float32)
+  variables = model.init(jax.random.key(0), images)
+  features, _ = model.apply(variables, images, mutable=['batch_stats'])
+  target = jnp.asarray(rng.normal(size=features.shape), jnp.float32)
+
+  results = {}
+  for choice in ('onednn', 'xla'):
+    monkeypatch.setenv(cpu_conv.ENV_SWITCH, choice)
+
+    def loss(params):  # a new function for each choice: JAX caches a function's trace
+      features, _ = model.apply({**variables, 'params': params}, images,
+                                mutable=['batch_stats'])
+      return jnp.sum((features - target) ** 2)
+
+    assert _calls_onednn(jax.grad(loss), variables['params']) == (choice == 'onednn')
+    results[choice] = jax.jit(jax.value_and_grad(loss))(variables['params'])
+  (value, grads), (ref_value, ref_grads) = results['onednn'], results['xla']
+  np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+@built
+def test_a_batch_sharded_program_with_onednn_forced_is_still_right(onednn, devices):
+  """Over several devices XLA gathers the batch for the custom call: slower, not wrong."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  mesh = Mesh(np.asarray(devices[:4]), ('data',))
+  rng = np.random.default_rng(1)
+  x = jax.device_put(rng.normal(size=(8, 6, 6, 3)).astype(np.float32),
+                     NamedSharding(mesh, P('data')))
+  w = jax.device_put(rng.normal(size=(3, 3, 3, 4)).astype(np.float32), NamedSharding(mesh, P()))
+
+  def loss(w, x):
+    return jnp.sum(cpu_conv.conv_general_dilated(x, w, (1, 1), 'SAME',
+                                                 dimension_numbers=NHWC) ** 2)
+
+  grad = jax.jit(jax.grad(loss))(w, x)
+  y, _, ref = numpy_conv(np.asarray(x), np.asarray(w), (1, 1), ((1, 1), (1, 1)), (1, 1),
+                         np.zeros((8, 6, 6, 4)))
+  _, _, ref = numpy_conv(np.asarray(x), np.asarray(w), (1, 1), ((1, 1), (1, 1)), (1, 1), 2 * y)
+  np.testing.assert_allclose(np.asarray(grad), ref, rtol=1e-5, atol=1e-3)
+
+
+@built
+@pytest.mark.parametrize('strides', [(1, 1), (2, 2)])
+def test_flops_count_onednn_calls_as_xla_convolutions(onednn, strides):
+  x = jnp.ones((2, 8, 8, 3), jnp.float32)
+  w = jnp.ones((3, 3, 3, 4), jnp.float32)
+
+  def counted(conv):
+    loss = lambda x, w: conv(x, w, strides, 'SAME', dimension_numbers=NHWC).sum()
+    return flops.matmul_flops(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, w).jaxpr)
+
+  out_pixels = 2 * (8 // strides[0]) ** 2
+  forward = 2 * out_pixels * 4 * 3 * 3 * 3
+  assert counted(cpu_conv.conv_general_dilated) == counted(lax.conv_general_dilated) \
+      == 3 * forward
+
+
+def test_a_bad_choice_and_a_missing_library_are_errors_that_say_what_to_do(monkeypatch,
+                                                                          tmp_path):
+  monkeypatch.setenv(cpu_conv.ENV_SWITCH, 'mkl')
+  with pytest.raises(cpu_conv.CpuConvError, match='auto, onednn, xla'):
+    cpu_conv.available()
+  monkeypatch.setattr(cpu_conv, 'LIBRARY', tmp_path / 'missing.so')
+  monkeypatch.setenv(cpu_conv.ENV_SWITCH, 'onednn')
+  with pytest.raises(cpu_conv.CpuConvError, match='not built; run `make`'):
+    cpu_conv.available()
+  monkeypatch.setenv(cpu_conv.ENV_SWITCH, 'auto')
+  assert cpu_conv.available() is False
+  (tmp_path / 'broken.so').write_text('not a library')
+  monkeypatch.setattr(cpu_conv, 'LIBRARY', tmp_path / 'broken.so')
+  assert cpu_conv.available() is False
+  monkeypatch.setenv(cpu_conv.ENV_SWITCH, 'onednn')
+  with pytest.raises(cpu_conv.CpuConvError, match='does not load'):
+    cpu_conv.available()
+
+
+def test_building_without_a_compiler_says_what_to_install(monkeypatch, tmp_path, capsys):
+  monkeypatch.setenv('CXX', str(tmp_path / 'no-such-compiler'))
+  with pytest.raises(cpu_conv.CpuConvError, match='libdnnl-dev'):
+    cpu_conv.build(tmp_path / 'lib.so')
+  monkeypatch.setattr(cpu_conv, 'LIBRARY', tmp_path / 'lib.so')
+  assert cpu_conv.main(['cpu_conv', 'build', '--if-possible']) == 0
+  assert "CPU runs use XLA's" in capsys.readouterr().err
+  assert cpu_conv.main(['cpu_conv', 'build']) == 1
+  assert cpu_conv.main(['cpu_conv', 'bild']) == 2
+  assert not (tmp_path / 'lib.so').exists()
+
+
+def test_a_build_that_fails_to_compile_keeps_the_library_there(monkeypatch, tmp_path):
+  """A compiler error leaves an earlier library in place and names the cause."""
+  if not cpu_conv.shutil.which('g++'):
+    pytest.skip('no g++')
+  earlier = tmp_path / 'lib.so'
+  earlier.write_bytes(b'earlier')
+  broken = tmp_path / 'broken.cc'
+  broken.write_text('this is not C++\n')
+  monkeypatch.setattr(cpu_conv, 'SOURCE', broken)
+  with pytest.raises(cpu_conv.CpuConvError, match='failed'):
+    cpu_conv.build(earlier, quiet=True)
+  assert earlier.read_bytes() == b'earlier'
+
+
+@built
+def test_a_cpu_command_with_onednn_uses_one_device():
+  probe = ('import jax\nfrom imbal_jax import distributed\n'
+           'print(distributed.use_cpu_cores([128], cores=4), jax.device_count())')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=TEST_XLA_FLAGS)
+  env.pop('JAX_NUM_CPU_DEVICES', None)
+  for choice, expected in (('auto', ['1', '1']), ('xla', ['4', '4'])):
+    env[cpu_conv.ENV_SWITCH] = choice
+    result = subprocess.run([sys.executable, '-c', probe], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == expected, choice
