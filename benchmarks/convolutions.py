@@ -4,9 +4,10 @@
 
 Times, for each shape of ResNet-32 width 16's stride-1 3x3 convolutions
 (32x32x16, 16x16x32 and 8x8x64, NHWC), the forward convolution, its input
-gradient and its filter gradient: in JAX on one CPU device, compiled with
-imbal_jax's CPU compiler options and freed host memory kept mapped as the
-benchmark command does; then in eager PyTorch (channels-last tensors,
+gradient and its filter gradient: in JAX on one CPU device, as imbal_jax's
+ResNets compute them (oneDNN's kernels where `make` built them, else XLA's;
+`IMBAL_JAX_CPU_CONV=xla` forces XLA's), compiled with imbal_jax's CPU compiler
+options and freed host memory kept mapped as the benchmark command does; then in eager PyTorch (channels-last tensors,
 `aten.convolution_backward` for each gradient alone) in a separate process of
 `--torch_python` (default: this interpreter). Each time is the median of
 `--repeats` calls after one warm-up call.
@@ -51,14 +52,16 @@ def jax_records(batch: int, repeats: int, retain_host_memory: bool = True) -> li
     host_memory.retain_freed_memory()
   import jax
   import numpy as np
-  from imbal_jax import sharding
+  from imbal_jax import cpu_conv, sharding
 
   options = dict(sharding.CPU_COMPILER_OPTIONS)
   device = jax.devices()[0]
 
   def conv(x, w):
-    return jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME',
-                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    # As imbal_jax's ResNets call it: oneDNN's convolutions where they are built
+    # (IMBAL_JAX_CPU_CONV=xla for XLA's own), the record says which.
+    return cpu_conv.conv_general_dilated(x, w, (1, 1), 'SAME',
+                                         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
   programs = {
       'forward': lambda x, w, g: conv(x, w),
@@ -72,6 +75,7 @@ def jax_records(batch: int, repeats: int, retain_host_memory: bool = True) -> li
             for _ in range(2))
     w = jax.device_put(0.1 * rng.standard_normal((3, 3, channels, channels), np.float32), device)
     record = {'framework': 'jax', 'jax': jax.__version__, 'device': device.device_kind,
+              'convolutions': cpu_conv.backend(),
               'batch': batch, 'size': size, 'channels': channels, 'count': count}
     for name, program in programs.items():
       compiled = jax.jit(program).lower(x, w, g).compile(options)

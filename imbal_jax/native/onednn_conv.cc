@@ -13,6 +13,7 @@
 // are allocated per call, so concurrent calls share no mutable state.
 
 #include <cstdint>
+#include <exception>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -120,8 +121,9 @@ void Run(const dnnl::primitive& primitive, const dnnl::primitive_desc_base& pd,
          std::unordered_map<int, memory> args) {
   dnnl::stream stream(Engine());
   const memory::desc scratch_desc = pd.scratchpad_desc();
-  std::vector<uint8_t> scratch(scratch_desc.get_size());
-  args.emplace(DNNL_ARG_SCRATCHPAD, memory(scratch_desc, Engine(), scratch.data()));
+  // Left uninitialised: the primitive writes what it reads.
+  std::unique_ptr<uint8_t[]> scratch(new uint8_t[scratch_desc.get_size() + 1]);
+  args.emplace(DNNL_ARG_SCRATCHPAD, memory(scratch_desc, Engine(), scratch.get()));
   primitive.execute(stream, args);
   stream.wait();
 }
@@ -152,8 +154,8 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
         {{DNNL_ARG_SRC, memory(p.src, Engine(), x.typed_data())},
          {DNNL_ARG_WEIGHTS, weights},
          {DNNL_ARG_DST, memory(p.dst, Engine(), y->typed_data())}});
-  } catch (const dnnl::error& e) {
-    return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
+  } catch (const std::exception& e) {  // oneDNN's errors, or memory exhausted
+    return ffi::Error::Internal(std::string("imbal_jax oneDNN convolution: ") + e.what());
   }
   return ffi::Error::Success();
 }
@@ -171,8 +173,8 @@ ffi::Error InputGradient(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
         {{DNNL_ARG_DIFF_DST, memory(p.dst, Engine(), dy.typed_data())},
          {DNNL_ARG_WEIGHTS, weights},
          {DNNL_ARG_DIFF_SRC, memory(p.src, Engine(), dx->typed_data())}});
-  } catch (const dnnl::error& e) {
-    return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
+  } catch (const std::exception& e) {  // oneDNN's errors, or memory exhausted
+    return ffi::Error::Internal(std::string("imbal_jax oneDNN convolution: ") + e.what());
   }
   return ffi::Error::Success();
 }
@@ -197,8 +199,8 @@ ffi::Error FilterGradient(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
       dnnl::reorder(out, user).execute(stream, out, user);
       stream.wait();
     }
-  } catch (const dnnl::error& e) {
-    return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
+  } catch (const std::exception& e) {  // oneDNN's errors, or memory exhausted
+    return ffi::Error::Internal(std::string("imbal_jax oneDNN convolution: ") + e.what());
   }
   return ffi::Error::Success();
 }
