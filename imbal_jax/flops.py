@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from jax.extend.core import Var
+
 # Dense (no sparsity) peak FLOP/s per JAX device, matched by substring of
 # jax.devices()[0].device_kind (case-insensitive, first match wins; None: unknown).
 # Sources: NVIDIA H100 Tensor Core GPU datasheet (SXM5: BF16/FP16 1,979 TFLOPS with
@@ -60,6 +62,19 @@ _ONEDNN_SHAPES = {
 }
 
 
+def _live_eqns(jaxpr) -> list:
+  """The equations of `jaxpr` whose results are used (or that have effects): the
+  compiler removes the others. One such is the input gradient of a network's first
+  convolution, which the oneDNN convolution's VJP returns and nothing reads."""
+  used = {var for var in jaxpr.outvars if isinstance(var, Var)}
+  live = []
+  for eqn in reversed(jaxpr.eqns):
+    if eqn.effects or any(var in used for var in eqn.outvars):
+      live.append(eqn)
+      used.update(var for var in eqn.invars if isinstance(var, Var))
+  return live[::-1]
+
+
 def matmul_flops(jaxpr) -> float:
   """FLOPs of the convolutions and matrix products of `jaxpr`, 2 per multiply-add.
 
@@ -71,7 +86,8 @@ def matmul_flops(jaxpr) -> float:
   not work), and each oneDNN call of imbal_jax.cpu_conv as its forward
   convolution; each dot_general as 2 * output elements * contracted size. Other
   operations (batch norm, activations, the optimizer) are left out, as in the
-  usual model-FLOP definition of MFU. A scan counts its body `length` times, a
+  usual model-FLOP definition of MFU. Equations whose results nothing uses are
+  left out, as the compiler removes them. A scan counts its body `length` times, a
   cond its costliest branch, a while loop its body once.
 
   XLA's own cost analysis is not used: on GPU and TPU (PJRT plugins) it is not
@@ -81,7 +97,7 @@ def matmul_flops(jaxpr) -> float:
   TFLOP and XLA's CPU analysis of the same program at 6.11).
   """
   total = 0.0
-  for eqn in jaxpr.eqns:
+  for eqn in _live_eqns(jaxpr):
     name = eqn.primitive.name
     if name == 'conv_general_dilated':
       out, kernel = eqn.outvars[0].aval.shape, eqn.invars[1].aval.shape

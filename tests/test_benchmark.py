@@ -275,6 +275,18 @@ def test_matmul_flops_of_products_inside_scans_and_conds():
   assert flops.step_flops(jax.jit(branches), (True, square, square)) == 3 * 2 * 6 ** 3
 
 
+def test_matmul_flops_leave_out_products_whose_results_nothing_uses():
+  a = jax.ShapeDtypeStruct((4, 6), jnp.float32)
+  b = jax.ShapeDtypeStruct((6, 5), jnp.float32)
+
+  def one_used(x, y):
+    unused = x @ y @ y.T  # the compiler removes both products
+    del unused
+    return x @ y
+
+  assert flops.step_flops(jax.jit(one_used), (a, b)) == 2 * 4 * 6 * 5
+
+
 def test_matmul_flops_of_resnet50_match_published_counts():
   # ResNet-50's forward pass at 224 px, without the classifier: torchvision gives
   # 4.09e9 multiply-adds with its 2048x1000 classifier (2.0e6), 2 FLOPs each.
