@@ -46,4 +46,4 @@ test: $(STAMP) cpu-conv
 	$(BIN)/python -m pytest -m multiprocess
 
 clean:
-	rm -rf $(VENV) .cache runs $(CPU_CONV)
+	rm -rf $(VENV) .cache runs $(CPU_CONV) $(CPU_CONV).jaxlib

@@ -87,9 +87,20 @@ def build(output: Path = LIBRARY, quiet: bool = False) -> Path:
             if missing else '')
     raise CpuConvError(f'building {output.name} failed:{hint}\n{result.stderr[-2000:]}')
   os.replace(partial, output)
+  _built_for(output).write_text(_jaxlib_version())
   if not quiet:
     print(f'imbal_jax: built {output}', file=sys.stderr)
   return output
+
+
+def _jaxlib_version() -> str:
+  import jaxlib
+  return jaxlib.__version__
+
+
+def _built_for(library: Path) -> Path:
+  """The file next to `library` naming the jaxlib whose FFI headers it was built with."""
+  return library.with_name(library.name + '.jaxlib')
 
 
 @functools.cache
@@ -99,6 +110,11 @@ def _load(path: str) -> bool:
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
                                 platform='cpu')
   return True
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+  print(f'imbal_jax: {message}', file=sys.stderr)
 
 
 def available() -> bool:
@@ -115,6 +131,17 @@ def available() -> bool:
       raise CpuConvError(
           f'{ENV_SWITCH}=onednn but {LIBRARY} is not built; run `make` (or '
           f'`python -m imbal_jax.cpu_conv build`), which needs g++ and libdnnl-dev.')
+    return False
+  built_for = _built_for(LIBRARY)
+  built_for = built_for.read_text().strip() if built_for.exists() else 'an unknown version'
+  if built_for != _jaxlib_version():
+    # XLA's FFI headers change between releases: a stale build could fail inside a step.
+    message = (f'{LIBRARY.name} was built for jaxlib {built_for}, this is jaxlib '
+               f'{_jaxlib_version()}; rebuild it with `make` (or `python -m imbal_jax.cpu_conv '
+               f'build`).')
+    if wanted == 'onednn':
+      raise CpuConvError(message)
+    _warn_once(message + " Until then CPU runs use XLA's convolutions.")
     return False
   try:
     return _load(str(LIBRARY))

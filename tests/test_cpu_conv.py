@@ -220,10 +220,25 @@ def test_a_bad_choice_and_a_missing_library_are_errors_that_say_what_to_do(monke
   monkeypatch.setenv(cpu_conv.ENV_SWITCH, 'auto')
   assert cpu_conv.available() is False
   (tmp_path / 'broken.so').write_text('not a library')
+  (tmp_path / 'broken.so.jaxlib').write_text(cpu_conv._jaxlib_version())
   monkeypatch.setattr(cpu_conv, 'LIBRARY', tmp_path / 'broken.so')
   assert cpu_conv.available() is False
   monkeypatch.setenv(cpu_conv.ENV_SWITCH, 'onednn')
   with pytest.raises(cpu_conv.CpuConvError, match='does not load'):
+    cpu_conv.available()
+
+
+def test_a_library_built_for_another_jaxlib_is_not_used(monkeypatch, tmp_path, capsys):
+  """XLA's FFI headers change between releases: a stale build is rebuilt, not run."""
+  library = tmp_path / 'lib.so'
+  library.write_text('built earlier')
+  (tmp_path / 'lib.so.jaxlib').write_text('0.0.1')
+  monkeypatch.setattr(cpu_conv, 'LIBRARY', library)
+  monkeypatch.setenv(cpu_conv.ENV_SWITCH, 'auto')
+  assert cpu_conv.available() is False
+  assert 'built for jaxlib 0.0.1' in capsys.readouterr().err
+  monkeypatch.setenv(cpu_conv.ENV_SWITCH, 'onednn')
+  with pytest.raises(cpu_conv.CpuConvError, match='rebuild it with `make`'):
     cpu_conv.available()
 
 
@@ -251,6 +266,13 @@ def test_a_build_that_fails_to_compile_keeps_the_library_there(monkeypatch, tmp_
   with pytest.raises(cpu_conv.CpuConvError, match='failed'):
     cpu_conv.build(earlier, quiet=True)
   assert earlier.read_bytes() == b'earlier'
+
+
+@built
+def test_make_built_the_library_for_this_jaxlib():
+  built_for = cpu_conv.LIBRARY.with_name(cpu_conv.LIBRARY.name + '.jaxlib')
+  assert built_for.read_text() == cpu_conv._jaxlib_version()
+  assert cpu_conv.available()
 
 
 @built
