@@ -17,9 +17,9 @@ export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
 
 install: $(STAMP) cpu-conv
 
+# Rebuilt when missing, older than its source, or built for another jaxlib.
 cpu-conv: $(STAMP)
-	@[ -f $(CPU_CONV) ] && [ $(CPU_CONV) -nt imbal_jax/native/onednn_conv.cc ] \
-	    && [ $(CPU_CONV) -nt $(STAMP) ] || $(BIN)/python -m imbal_jax.cpu_conv build --if-possible
+	@$(BIN)/python -m imbal_jax.cpu_conv build --if-needed --if-possible
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "imbal_jax needs Python >= 3.11, found " + sys.version.split()[0]'

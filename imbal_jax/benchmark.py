@@ -18,13 +18,10 @@ initialised frozen encoder, which costs the same as a trained one.
 
 from __future__ import annotations
 
-import collections
 import functools
 import json
 import math
 import os
-import pathlib
-import re
 import sys
 import time
 from typing import Any, Sequence
@@ -40,6 +37,7 @@ from imbal_jax import (configuration, cpu_conv, distributed, host_memory, launch
 from imbal_jax import steps as steps_lib
 from imbal_jax.data import pipeline, sources
 from imbal_jax.flops import matmul_flops, peak_flops
+from imbal_jax.profiling import CPU_TRACE_FLAG, PROFILE_STEPS, profile_compiled
 from imbal_jax.models import (ARCHITECTURES, LinearHead, Stage1Net, encoder_variables,
                               make_encoder)
 
@@ -97,7 +95,7 @@ def environment(config, dtype: str) -> dict[str, Any]:
       # CPU: whether freed host buffers stayed mapped (imbal_jax.host_memory).
       'host_memory_retained': host_memory.retained(),
       # CPU: 'onednn' or 'xla', which computed the convolutions (imbal_jax.cpu_conv).
-      'cpu_convolutions': cpu_conv.backend(),
+      'cpu_convolutions': cpu_conv.backend(dtype),
   }
 
 
@@ -175,40 +173,6 @@ def _time_compiled(compiled, args, steps: int, warmup: int) -> tuple[list[float]
     if index >= warmup:
       times.append(time.perf_counter() - start)
   return times, state
-
-
-# The flag that makes XLA's CPU runtime record one trace event per operation
-# (thunk); without it a CPU trace shows only whole executions.
-CPU_TRACE_FLAG = '--xla_cpu_enable_xprof_traceme=true'
-PROFILE_STEPS = 3
-
-
-def profile_compiled(compiled, args, trace_dir: str, top: int = 12) -> dict[str, Any]:
-  """Traces PROFILE_STEPS steps into `trace_dir` (for TensorBoard / XProf).
-
-  Returns the trace directory and the `top` operations of the compiled program
-  that took longest: [name without its numeric suffix, milliseconds per step
-  summed over devices and over the operations of that name]. The list is empty
-  where the trace has no per-operation events (on CPU, without CPU_TRACE_FLAG in
-  XLA_FLAGS when the backend started).
-  """
-  state, rest = args[0], args[1:]
-  with jax.profiler.trace(trace_dir):
-    for _ in range(PROFILE_STEPS):
-      state, measurements = compiled(state, *rest)
-      jax.block_until_ready(measurements)
-  names = set(re.findall(r'^\s+(?:ROOT )?%?([\w.\-]+) = ', compiled.as_text(), re.MULTILINE))
-  totals = collections.Counter()
-  traces = sorted(pathlib.Path(trace_dir).glob('**/*.xplane.pb'), key=os.path.getmtime)
-  if traces and hasattr(jax.profiler, 'ProfileData'):
-    profile = jax.profiler.ProfileData.from_file(str(traces[-1]))
-    for plane in profile.planes:
-      for line in plane.lines:
-        for event in line.events:
-          if event.name in names:
-            totals[re.sub(r'\.\d+$', '', event.name)] += event.duration_ns / 1e6 / PROFILE_STEPS
-  return {'trace_dir': str(trace_dir),
-          'top_ops_ms_per_step': [[name, round(ms, 2)] for name, ms in totals.most_common(top)]}
 
 
 def model_flops(stage: str, config, shape, num_classes: int, mesh, dtype: str,
@@ -399,7 +363,8 @@ def main(argv):
     cpu_conv.available()  # IMBAL_JAX_CPU_CONV checked before any work
     if not distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id):
-      distributed.use_cpu_cores(distributed.config_batch_sizes(config))
+      distributed.use_cpu_cores(distributed.config_batch_sizes(config),
+                                float32=compute_dtype(config, FLAGS.dtype) == 'float32')
     records = run(config, steps=FLAGS.steps, warmup=FLAGS.warmup, image_size=FLAGS.image_size,
                   num_classes=FLAGS.num_classes, dtype=FLAGS.dtype,
                   profile_dir=FLAGS.profile_dir, stages=FLAGS.stages)

@@ -19,7 +19,9 @@ and to `lax.conv_general_dilated` otherwise, so a model compiles everywhere:
 - float32 NHWC activations and an HWIO filter, 2-D, no input dilation, one
   feature group (every convolution of imbal_jax's ResNets).
 
-Its gradients are oneDNN's too (a custom VJP). oneDNN parallelises each call
+Its gradients are oneDNN's too (a custom VJP: first-order reverse mode only, which
+is all imbal_jax's steps take; `jax.jvp` or a second derivative through it fails,
+so use `IMBAL_JAX_CPU_CONV=xla` for those). oneDNN parallelises each call
 over the cores itself (OpenMP), so with it a CPU run uses one JAX device
 (`distributed.use_cpu_cores`), and `auto` leaves programs of a process with
 several devices (a count the user forced, a multi-process run) to XLA: see
@@ -32,6 +34,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -44,8 +48,11 @@ from jax import lax
 
 ENV_SWITCH = 'IMBAL_JAX_CPU_CONV'
 CHOICES = ('auto', 'onednn', 'xla')
+# Where the library is built and looked for: next to its source (in the package),
+# or in the folder this names (for an install whose package folder is read-only).
+ENV_DIR = 'IMBAL_JAX_NATIVE_DIR'
 SOURCE = Path(__file__).resolve().parent / 'native' / 'onednn_conv.cc'
-LIBRARY = SOURCE.with_name('libimbal_onednn_conv.so')
+LIBRARY = Path(os.environ.get(ENV_DIR) or SOURCE.parent) / 'libimbal_onednn_conv.so'
 TARGETS = {
     'imbal_onednn_conv_forward': 'ImbalConvForward',
     'imbal_onednn_conv_input_gradient': 'ImbalConvInputGradient',
@@ -65,27 +72,43 @@ def choice() -> str:
   return value
 
 
-def build_command(output: Path = LIBRARY, compiler: str | None = None) -> list[str]:
-  compiler = compiler or os.environ.get('CXX') or 'g++'
-  return [compiler, '-O2', '-std=c++17', '-shared', '-fPIC', '-w',
+class MissingDependency(CpuConvError):
+  """No C++ compiler, or no oneDNN headers or library: the build cannot start."""
+
+
+def build_command(output: Path) -> list[str]:
+  compiler = shlex.split(os.environ.get('CXX') or 'g++')
+  return [*compiler, '-O2', '-std=c++17', '-shared', '-fPIC', '-w',
           f'-I{jax.ffi.include_dir()}', str(SOURCE), '-ldnnl', '-o', str(output)]
 
 
-def build(output: Path = LIBRARY, quiet: bool = False) -> Path:
-  """Compiles the oneDNN handlers into `output`; CpuConvError names what is missing."""
+# The compiler's words for oneDNN's missing header or library (GCC, Clang; ld, lld).
+_MISSING_ONEDNN = re.compile(r"dnnl\.hpp'?:? (?:No such file|file not found)|"
+                             r"cannot find -ldnnl|unable to find library -ldnnl")
+
+
+def build(output: Path | None = None, quiet: bool = False) -> Path:
+  """Compiles the oneDNN handlers into `output` (default LIBRARY).
+
+  MissingDependency where the compiler or oneDNN is not installed; CpuConvError,
+  with the compiler's messages, where the source does not compile. An earlier
+  library at `output` stays until the new one is complete.
+  """
+  output = LIBRARY if output is None else output
   command = build_command(output)
   if shutil.which(command[0]) is None:
-    raise CpuConvError(f'no C++ compiler {command[0]!r} found; install one (Debian/Ubuntu: '
-                       f'apt-get install g++ libdnnl-dev) or set CXX.')
+    raise MissingDependency(f'no C++ compiler {command[0]!r} found; install one (Debian/Ubuntu: '
+                            f'apt-get install g++ libdnnl-dev) or set CXX.')
   output.parent.mkdir(parents=True, exist_ok=True)
   partial = output.with_name(output.name + '.partial')
   command[-1] = str(partial)
   result = subprocess.run(command, capture_output=True, text=True, check=False)
   if result.returncode:
-    missing = 'dnnl.hpp' in result.stderr or 'ldnnl' in result.stderr
-    hint = (' oneDNN is not installed: apt-get install libdnnl-dev (Debian/Ubuntu).'
-            if missing else '')
-    raise CpuConvError(f'building {output.name} failed:{hint}\n{result.stderr[-2000:]}')
+    if _MISSING_ONEDNN.search(result.stderr):
+      raise MissingDependency('oneDNN is not installed: apt-get install libdnnl-dev '
+                              '(Debian/Ubuntu), or put its headers and library where '
+                              f'{command[0]} finds them.')
+    raise CpuConvError(f'building {output.name} failed:\n{result.stderr[-2000:]}')
   os.replace(partial, output)
   _built_for(output).write_text(_jaxlib_version())
   if not quiet:
@@ -110,6 +133,16 @@ def _load(path: str) -> bool:
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
                                 platform='cpu')
   return True
+
+
+def needs_build(library: Path | None = None) -> bool:
+  """Whether `library` (default LIBRARY) is missing, older than its source, or built
+  for another jaxlib."""
+  library = LIBRARY if library is None else library
+  built_for = _built_for(library)
+  return (not library.exists() or not built_for.exists()
+          or library.stat().st_mtime < SOURCE.stat().st_mtime
+          or built_for.read_text().strip() != _jaxlib_version())
 
 
 @functools.cache
@@ -153,7 +186,7 @@ def available() -> bool:
 
 
 def active() -> bool:
-  """Whether convolutions traced now go to oneDNN.
+  """Whether float32 convolutions traced now go to oneDNN.
 
   On the CPU backend, where the library is on and, unless `IMBAL_JAX_CPU_CONV=onednn`,
   the run has a single JAX device. XLA cannot split a custom call along a sharded
@@ -161,17 +194,24 @@ def active() -> bool:
   device computes every convolution (correct, but no faster than XLA's own), and
   oneDNN already spreads one call over all cores.
   """
-  if jax.default_backend() != 'cpu' or not available():
+  if jax.default_backend() != 'cpu':
+    return False
+  if not available():
+    if choice() == 'auto' and not LIBRARY.exists():
+      _warn_once("oneDNN's convolutions are not built, so this CPU run uses XLA's, about "
+                 'half as fast; `make` (or `python -m imbal_jax.cpu_conv build`) builds them '
+                 'where g++ and libdnnl-dev are installed.')
     return False
   return choice() == 'onednn' or jax.device_count() == 1
 
 
-def backend() -> str | None:
-  """'onednn' or 'xla': which computes the convolutions of a CPU program traced now;
-  None where JAX's default backend is not the CPU."""
+def backend(dtype: str = 'float32') -> str | None:
+  """'onednn' or 'xla': which computes the convolutions of a CPU program traced now
+  that computes in `dtype` (oneDNN's handlers are float32 only); None where JAX's
+  default backend is not the CPU."""
   if jax.default_backend() != 'cpu':
     return None
-  return 'onednn' if active() else 'xla'
+  return 'onednn' if dtype == 'float32' and active() else 'xla'
 
 
 def _attributes(strides, padding, dilation) -> dict[str, np.ndarray]:
@@ -249,7 +289,10 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding: Any,
     geometry = (tuple(int(s) for s in window_strides),
                 tuple((int(low), int(high)) for low, high in padding),
                 tuple(int(rate) for rate in dilation))
-    return onednn_conv(lhs, rhs, geometry)
+    # oneDNN takes no negative padding (a crop) and no empty output: XLA does those.
+    if (min(min(pair) for pair in geometry[1]) >= 0
+        and min(output_shape(lhs.shape, rhs.shape, *geometry)) > 0):
+      return onednn_conv(lhs, rhs, geometry)
   return lax.conv_general_dilated(
       lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
       rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
@@ -257,19 +300,32 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding: Any,
       precision=precision, preferred_element_type=preferred_element_type)
 
 
+USAGE = 'usage: python -m imbal_jax.cpu_conv build [--if-needed] [--if-possible]'
+
+
 def main(argv: Sequence[str]) -> int:
-  """`python -m imbal_jax.cpu_conv build [--if-possible]`: compile the library."""
+  """`python -m imbal_jax.cpu_conv build`: compile the library.
+
+  --if-needed: only where `needs_build` (missing, stale, or for another jaxlib).
+  --if-possible: a missing compiler or oneDNN is a note, not a failure (make's
+  default); a source that does not compile fails either way.
+  """
   args = list(argv[1:])
-  if not args or args[0] != 'build' or set(args[1:]) - {'--if-possible'}:
-    print('usage: python -m imbal_jax.cpu_conv build [--if-possible]', file=sys.stderr)
+  if not args or args[0] != 'build' or set(args[1:]) - {'--if-possible', '--if-needed'}:
+    print(USAGE, file=sys.stderr)
     return 2
+  if '--if-needed' in args and not needs_build():
+    return 0
   try:
     build()
-  except CpuConvError as error:
+  except MissingDependency as error:
     if '--if-possible' in args:
-      print(f'imbal_jax: oneDNN convolutions not built, CPU runs use XLA\'s '
-            f'({str(error).splitlines()[0]})', file=sys.stderr)
+      print(f"imbal_jax: oneDNN's convolutions not built, CPU runs use XLA's ({error})",
+            file=sys.stderr)
       return 0
+    print(f'imbal_jax: {error}', file=sys.stderr)
+    return 1
+  except CpuConvError as error:
     print(f'imbal_jax: {error}', file=sys.stderr)
     return 1
   return 0

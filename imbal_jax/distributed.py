@@ -138,13 +138,16 @@ def cpu_device_count(batch_sizes: Sequence[int], cores: int | None = None) -> in
   return max(count for count in range(1, max(cores, 1) + 1) if common % count == 0)
 
 
-def use_cpu_cores(batch_sizes: Sequence[int], cores: int | None = None) -> int | None:
+def use_cpu_cores(batch_sizes: Sequence[int], cores: int | None = None,
+                  float32: bool = True) -> int | None:
   """On CPU, one JAX device per core, so that the data-parallel step spreads over the cores;
   one device where oneDNN's convolutions are on (imbal_jax.cpu_conv).
 
   oneDNN spreads each convolution over the cores itself: on this project's 2-core
-  development machine the `cifar10_lt` stage-1 step ran at 340-420 images/s on one
-  device and 190 on two (both devices' oneDNN calls then share the two cores).
+  development machine the `cifar10_lt` stage-1 step ran at 340-395 images/s on one
+  device and 191 on two (both devices' oneDNN calls then share the two cores).
+  `float32`: whether the run computes in float32 (config.dtype), the only dtype
+  oneDNN's convolutions take.
   A single CPU device left this project's stage-1 step short of the cores'
   throughput while XLA ran convolutions through YNNPACK (2 cores: 105 images/s on 1
   device, 150 on 2; with Eigen's convolutions, since, the two are within the noise
@@ -162,8 +165,10 @@ def use_cpu_cores(batch_sizes: Sequence[int], cores: int | None = None) -> int |
   if chosen:
     return None
   # oneDNN's convolutions (imbal_jax.cpu_conv) spread each call over the cores
-  # themselves, and run on a single device only.
-  count = 1 if cpu_conv.available() else cpu_device_count(batch_sizes, cores)
+  # themselves, and run on a single device only; they compute float32 only, so a
+  # run computing in bfloat16 (float32=False) keeps XLA's and the per-core split.
+  count = (1 if float32 and cpu_conv.available()
+           else cpu_device_count(batch_sizes, cores))
   try:
     jax.config.update('jax_num_cpu_devices', count)
   except RuntimeError:  # the backends have started: their device count stays

@@ -135,7 +135,9 @@ def execute(plan: Plan, command_line: str = '') -> int:
     print(f'imbal_jax.experiment: config error: {error}', file=sys.stderr)
     return 2
   distributed.use_cpu_cores([size for run in plan.runs
-                             for size in distributed.config_batch_sizes(run.config)])
+                             for size in distributed.config_batch_sizes(run.config)],
+                            float32=any(run.config.get('dtype', 'float32') == 'float32'
+                                        for run in plan.runs))
   keep_compiled_programs(plan.workdir)
   from imbal_jax.data.sources import DataError
 

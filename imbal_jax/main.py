@@ -56,7 +56,8 @@ def main(argv):
     cpu_conv.available()  # IMBAL_JAX_CPU_CONV checked before any work
     if not distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                                   FLAGS.process_id):
-      distributed.use_cpu_cores(distributed.config_batch_sizes(FLAGS.config))
+      distributed.use_cpu_cores(distributed.config_batch_sizes(FLAGS.config),
+                                float32=FLAGS.config.get('dtype', 'float32') == 'float32')
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir, force=FLAGS.force)
   except tuple(kind for kind, _, _ in expected) as error:
     _, label, code = next(entry for entry in expected if isinstance(error, entry[0]))

@@ -62,7 +62,7 @@ def stage2_preset_note(config, stage1_config: dict) -> str | None:
           f"--config=configs/stage2.py:{theirs} gives stage 2 that preset's settings.")
 
 
-def _environment() -> dict[str, Any]:
+def _environment(dtype: str = 'float32') -> dict[str, Any]:
   import flax
   return {
       'imbal_jax': imbal_jax.__version__, 'jax': jax.__version__, 'flax': flax.__version__,
@@ -71,7 +71,7 @@ def _environment() -> dict[str, Any]:
       'process_count': jax.process_count(),
       # 'onednn' or 'xla': which computed a CPU run's convolutions (imbal_jax.cpu_conv);
       # the two agree to float32 rounding, not bit for bit.
-      'cpu_convolutions': cpu_conv.backend(),
+      'cpu_convolutions': cpu_conv.backend(dtype),
   }
 
 
@@ -352,7 +352,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         labels, probabilities, dataset.spec[split]['part'],
         np.asarray(dataset.spec[split]['rows']), dataset.paths.get(split))
   report['config'] = config.to_dict()
-  report['environment'] = _environment()
+  report['environment'] = _environment(config.get('dtype', 'float32'))
   if is_writer:
     previous = workdir_lib.keep_previous_report(workdir)
     if previous is not None:
