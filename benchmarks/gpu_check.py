@@ -39,7 +39,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from imbal_jax import benchmark, configuration, sharding, steps  # noqa: E402
+from imbal_jax import benchmark, configuration, steps  # noqa: E402
 from imbal_jax.models import Stage1Net, make_encoder  # noqa: E402
 
 START = time.monotonic()

@@ -130,7 +130,6 @@ def test_what_onednn_does_not_compute_goes_to_xla(onednn):
 def test_crops_and_empty_outputs_go_to_xla(onednn):
   """oneDNN takes no negative padding and no empty output; XLA computes those."""
   x = jnp.asarray(np.random.default_rng(2).normal(size=(1, 6, 6, 2)), jnp.float32)
-  w = jnp.ones((3, 3, 2, 2), jnp.float32)
   for padding, size in ((((-1, 1), (1, 1)), 6), (((0, 0), (0, 0)), 2)):
     for kernel in ((3, 3), (5, 5)):
       xs, ws = x[:, :size, :size], jnp.ones((*kernel, 2, 2), jnp.float32)

@@ -203,7 +203,7 @@ def test_stage2_run_hands_the_stage1_statistics_to_its_data(tmp_path, monkeypatc
 def write_lesions(root, images_per_lesion=3):
   """ISIC's metadata CSV for write_isic's 48 images: lesions of 3 consecutive images (one
   class each), the last image of each class without a lesion_id."""
-  rows, lesion = ['image,age_approx,lesion_id'], 0
+  rows = ['image,age_approx,lesion_id']
   for i, count in enumerate((30, 12, 6)):
     first = sum((30, 12, 6)[:i])
     for j in range(count - 1):

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
+import pathlib
 from typing import Any
 
 import numpy as np
@@ -350,3 +352,14 @@ def load(config, spec=None, fingerprint=None, saved_in: str = 'the saved split')
         f'{len(spec["train"]["rows"])} of its {available} images (the long-tail protocol); '
         '--config.imbalance_ratio=None keeps them all.',))
   return dataset
+
+
+def require_path(path: str, field: str, what: str) -> pathlib.Path:
+  """config.FIELD's path, which must exist; DataError saying to set it to `what`."""
+  if not path:
+    raise DataError(f'config.{field} is empty; set it to {what}.')
+  resolved = pathlib.Path(path).expanduser()
+  if not resolved.exists():
+    where = '' if resolved.is_absolute() else f' (relative to the current directory {os.getcwd()})'
+    raise DataError(f'config.{field}={path!r} does not exist{where}; set it to {what}.')
+  return resolved
