@@ -82,9 +82,12 @@ def build_command(output: Path) -> list[str]:
           f'-I{jax.ffi.include_dir()}', str(SOURCE), '-ldnnl', '-o', str(output)]
 
 
-# The compiler's words for oneDNN's missing header or library (GCC, Clang; ld, lld).
+# The compiler's words (in the C locale) for oneDNN's missing header or library (GCC,
+# Clang; GNU ld, lld, Apple's ld), or a oneDNN of another major version (the source's
+# #error).
 _MISSING_ONEDNN = re.compile(r"dnnl\.hpp'?:? (?:No such file|file not found)|"
-                             r"cannot find -ldnnl|unable to find library -ldnnl")
+                             r"cannot find -ldnnl|unable to find library -ldnnl|"
+                             r"library not found for -ldnnl|needs oneDNN 2\.x")
 
 
 def build(output: Path | None = None, quiet: bool = False) -> Path:
@@ -100,10 +103,19 @@ def build(output: Path | None = None, quiet: bool = False) -> Path:
     raise MissingDependency(f'no C++ compiler {command[0]!r} found; install one (Debian/Ubuntu: '
                             f'apt-get install g++ libdnnl-dev) or set CXX.')
   output.parent.mkdir(parents=True, exist_ok=True)
+  if not os.access(output.parent, os.W_OK):
+    raise CpuConvError(f'{output.parent} is not writable; set {ENV_DIR} to a folder that is, '
+                       'for the build and for the runs.')
   partial = output.with_name(output.name + '.partial')
   command[-1] = str(partial)
-  result = subprocess.run(command, capture_output=True, text=True, check=False)
+  # The C locale: _MISSING_ONEDNN reads the compiler's English messages.
+  result = subprocess.run(command, capture_output=True, text=True, check=False,
+                          env={**os.environ, 'LC_ALL': 'C'})
   if result.returncode:
+    if 'needs oneDNN 2.x' in result.stderr:
+      raise MissingDependency('the installed oneDNN is not version 2.x, whose API '
+                              'imbal_jax/native/onednn_conv.cc uses (Debian 12: libdnnl-dev '
+                              '2.6.3).')
     if _MISSING_ONEDNN.search(result.stderr):
       raise MissingDependency('oneDNN is not installed: apt-get install libdnnl-dev '
                               '(Debian/Ubuntu), or put its headers and library where '
@@ -136,13 +148,19 @@ def _load(path: str) -> bool:
 
 
 def needs_build(library: Path | None = None) -> bool:
-  """Whether `library` (default LIBRARY) is missing, older than its source, or built
-  for another jaxlib."""
+  """Whether `library` (default LIBRARY) is missing, older than its source, built
+  for another jaxlib, or does not load."""
   library = LIBRARY if library is None else library
   built_for = _built_for(library)
-  return (not library.exists() or not built_for.exists()
-          or library.stat().st_mtime < SOURCE.stat().st_mtime
-          or built_for.read_text().strip() != _jaxlib_version())
+  if (not library.exists() or not built_for.exists()
+      or library.stat().st_mtime < SOURCE.stat().st_mtime
+      or built_for.read_text().strip() != _jaxlib_version()):
+    return True
+  try:  # e.g. oneDNN's shared library removed or replaced since the build
+    ctypes.CDLL(str(library))
+  except OSError:
+    return True
+  return False
 
 
 @functools.cache
@@ -179,9 +197,11 @@ def available() -> bool:
   try:
     return _load(str(LIBRARY))
   except OSError as error:
+    message = (f'{LIBRARY} does not load ({error}); rebuild it with `make` (or '
+               f'`python -m imbal_jax.cpu_conv build`).')
     if wanted == 'onednn':
-      raise CpuConvError(f'{LIBRARY} does not load ({error}); rebuild it with '
-                         f'`python -m imbal_jax.cpu_conv build`.') from error
+      raise CpuConvError(message) from error
+    _warn_once(message + " Until then CPU runs use XLA's convolutions.")
     return False
 
 
@@ -194,15 +214,19 @@ def active() -> bool:
   device computes every convolution (correct, but no faster than XLA's own), and
   oneDNN already spreads one call over all cores.
   """
-  if jax.default_backend() != 'cpu':
-    return False
-  if not available():
-    if choice() == 'auto' and not LIBRARY.exists():
-      _warn_once("oneDNN's convolutions are not built, so this CPU run uses XLA's, about "
-                 'half as fast; `make` (or `python -m imbal_jax.cpu_conv build`) builds them '
-                 'where g++ and libdnnl-dev are installed.')
+  if jax.default_backend() != 'cpu' or not available():
     return False
   return choice() == 'onednn' or jax.device_count() == 1
+
+
+def _note_if_not_built() -> None:
+  """Once per process: a note where a single-device CPU run would use oneDNN had the
+  library been built."""
+  if (choice() == 'auto' and not LIBRARY.exists() and jax.default_backend() == 'cpu'
+      and jax.device_count() == 1):
+    _warn_once("oneDNN's convolutions are not built, so this CPU run uses XLA's, about "
+               'half as fast; `make` (or `python -m imbal_jax.cpu_conv build`) builds them '
+               'where g++ and libdnnl-dev are installed.')
 
 
 def backend(dtype: str = 'float32') -> str | None:
@@ -280,8 +304,12 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding: Any,
                          feature_group_count: int = 1, batch_group_count: int = 1,
                          precision=None, preferred_element_type=None):
   """`lax.conv_general_dilated`, with oneDNN computing it where `supported` and `active`."""
-  if active() and supported(lhs, rhs, lhs_dilation, dimension_numbers, feature_group_count,
-                            batch_group_count, preferred_element_type):
+  use_onednn = supported(lhs, rhs, lhs_dilation, dimension_numbers, feature_group_count,
+                         batch_group_count, preferred_element_type)
+  if use_onednn and not active():
+    _note_if_not_built()
+    use_onednn = False
+  if use_onednn:
     dilation = tuple(rhs_dilation or (1, 1))
     if isinstance(padding, str):
       dilated = [rate * (size - 1) + 1 for rate, size in zip(dilation, rhs.shape[:2])]
@@ -289,8 +317,9 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding: Any,
     geometry = (tuple(int(s) for s in window_strides),
                 tuple((int(low), int(high)) for low, high in padding),
                 tuple(int(rate) for rate in dilation))
-    # oneDNN takes no negative padding (a crop) and no empty output: XLA does those.
+    # oneDNN takes no negative padding (a crop) and no empty array: XLA does those.
     if (min(min(pair) for pair in geometry[1]) >= 0
+        and min(lhs.shape) > 0 and min(rhs.shape) > 0
         and min(output_shape(lhs.shape, rhs.shape, *geometry)) > 0):
       return onednn_conv(lhs, rhs, geometry)
   return lax.conv_general_dilated(

@@ -144,7 +144,7 @@ def use_cpu_cores(batch_sizes: Sequence[int], cores: int | None = None,
   one device where oneDNN's convolutions are on (imbal_jax.cpu_conv).
 
   oneDNN spreads each convolution over the cores itself: on this project's 2-core
-  development machine the `cifar10_lt` stage-1 step ran at 340-395 images/s on one
+  development machine the `cifar10_lt` stage-1 step ran at 335-418 images/s on one
   device and 191 on two (both devices' oneDNN calls then share the two cores).
   `float32`: whether the run computes in float32 (config.dtype), the only dtype
   oneDNN's convolutions take.

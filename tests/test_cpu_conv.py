@@ -127,9 +127,13 @@ def test_what_onednn_does_not_compute_goes_to_xla(onednn):
 
 
 @built
-def test_crops_and_empty_outputs_go_to_xla(onednn):
-  """oneDNN takes no negative padding and no empty output; XLA computes those."""
+def test_crops_and_empty_arrays_go_to_xla(onednn):
+  """oneDNN takes no negative padding and no empty input or output; XLA computes those."""
   x = jnp.asarray(np.random.default_rng(2).normal(size=(1, 6, 6, 2)), jnp.float32)
+  empty_channels = (jnp.ones((1, 4, 4, 0), jnp.float32), jnp.ones((3, 3, 0, 2), jnp.float32))
+  fn = lambda x, w: cpu_conv.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=NHWC)
+  assert not _calls_onednn(fn, *empty_channels)
+  np.testing.assert_array_equal(fn(*empty_channels), np.zeros((1, 4, 4, 2)))
   for padding, size in ((((-1, 1), (1, 1)), 6), (((0, 0), (0, 0)), 2)):
     for kernel in ((3, 3), (5, 5)):
       xs, ws = x[:, :size, :size], jnp.ones((*kernel, 2, 2), jnp.float32)
@@ -151,10 +155,6 @@ def test_other_backends_never_reach_the_handlers(monkeypatch):
   fn = lambda x, w: cpu_conv.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=NHWC)
   assert not cpu_conv.active() and cpu_conv.backend() is None
   assert not _calls_onednn(fn, x, w)
-
-
-def test_a_bfloat16_run_records_xla_convolutions(onednn):
-  assert cpu_conv.backend('bfloat16') == 'xla'
 
 
 @built
@@ -325,17 +325,30 @@ def test_a_missing_onednn_header_is_a_missing_dependency(monkeypatch, tmp_path):
     cpu_conv.build(tmp_path / 'lib.so', quiet=True)
 
 
-def test_needs_build_when_missing_stale_or_for_another_jaxlib(monkeypatch, tmp_path):
+def test_needs_build_when_missing_stale_for_another_jaxlib_or_unloadable(monkeypatch,
+                                                                         tmp_path):
   source = tmp_path / 'src.cc'
   source.write_text('// source\n')
   monkeypatch.setattr(cpu_conv, 'SOURCE', source)
+
+  def load(path):  # stands in for ctypes.CDLL: these test files are not libraries
+    if pathlib.Path(path).read_bytes() != b'loads':
+      raise OSError(f'{path}: cannot open shared object file')
+
+  monkeypatch.setattr(cpu_conv.ctypes, 'CDLL', load)
   library = tmp_path / 'lib.so'
   assert cpu_conv.needs_build(library)
-  library.write_bytes(b'built')
+  library.write_bytes(b'loads')
   sidecar = tmp_path / 'lib.so.jaxlib'
   sidecar.write_text(cpu_conv._jaxlib_version())
   os.utime(source, (1_000_000, 1_000_000))
   assert not cpu_conv.needs_build(library)
+  monkeypatch.setattr(cpu_conv, 'LIBRARY', library)
+  monkeypatch.setattr(cpu_conv, 'build', lambda *a, **k: pytest.fail('built a fresh library'))
+  assert cpu_conv.main(['cpu_conv', 'build', '--if-needed']) == 0
+  library.write_bytes(b'oneDNN gone')  # e.g. libdnnl removed since the build
+  assert cpu_conv.needs_build(library)
+  library.write_bytes(b'loads')
   sidecar.write_text('0.0.1')
   assert cpu_conv.needs_build(library)
   sidecar.write_text(cpu_conv._jaxlib_version())
@@ -343,15 +356,52 @@ def test_needs_build_when_missing_stale_or_for_another_jaxlib(monkeypatch, tmp_p
   assert cpu_conv.needs_build(library)
 
 
+@pytest.mark.parametrize('message', [
+    "onednn_conv.cc:24:10: fatal error: dnnl.hpp: No such file or directory",  # GCC
+    "onednn_conv.cc:24:10: fatal error: 'dnnl.hpp' file not found",  # Clang
+    "/usr/bin/ld: cannot find -ldnnl: No such file or directory",  # GNU ld
+    "ld.lld: error: unable to find library -ldnnl",  # lld
+    "ld: library not found for -ldnnl",  # Apple's ld
+    '#error "imbal_jax needs oneDNN 2.x (found another major version)"',  # oneDNN 3
+])
+def test_compiler_messages_of_a_missing_onednn_are_recognised(message):
+  assert cpu_conv._MISSING_ONEDNN.search(message)
+  assert not cpu_conv._MISSING_ONEDNN.search("onednn_conv.cc:80:3: error: 'x' was not declared")
+
+
+def test_a_read_only_folder_names_the_variable_to_set(monkeypatch, tmp_path):
+  access = os.access  # (root may write anywhere: the check itself is stood in for)
+  monkeypatch.setattr(cpu_conv.os, 'access',
+                      lambda path, mode: pathlib.Path(path) != tmp_path and access(path, mode))
+  with pytest.raises(cpu_conv.CpuConvError, match=cpu_conv.ENV_DIR):
+    cpu_conv.build(tmp_path / 'lib.so', quiet=True)
+
+
 def test_a_cpu_run_without_the_library_says_how_to_build_it(monkeypatch, tmp_path, capsys):
+  """Once, and only where oneDNN would have computed the convolution: a float32
+  one on a single CPU device under `auto`."""
   monkeypatch.setattr(cpu_conv, 'LIBRARY', tmp_path / 'missing.so')
-  monkeypatch.setenv(cpu_conv.ENV_SWITCH, 'auto')
-  cpu_conv._warn_once.cache_clear()
-  assert cpu_conv.backend() == 'xla'
-  assert "oneDNN's convolutions are not built" in capsys.readouterr().err
-  monkeypatch.setenv(cpu_conv.ENV_SWITCH, 'xla')  # chosen: no notice
-  cpu_conv._warn_once.cache_clear()
-  assert cpu_conv.backend() == 'xla' and capsys.readouterr().err == ''
+  x = jnp.ones((2, 6, 6, 4), jnp.float32)
+  w = jnp.ones((3, 3, 4, 4), jnp.float32)
+
+  def note(dtype=jnp.float32, choice='auto', device_count=1):
+    monkeypatch.setenv(cpu_conv.ENV_SWITCH, choice)
+    monkeypatch.setattr(cpu_conv.jax, 'device_count', lambda: device_count)
+    cpu_conv._warn_once.cache_clear()
+    jax.make_jaxpr(lambda x, w: cpu_conv.conv_general_dilated(
+        x.astype(dtype), w.astype(dtype), (1, 1), 'SAME', dimension_numbers=NHWC))(x, w)
+    return capsys.readouterr().err
+
+  assert "oneDNN's convolutions are not built" in note()
+  assert note(dtype=jnp.bfloat16) == ''  # oneDNN would not compute it either
+  assert note(choice='xla') == ''
+  assert note(device_count=8) == ''  # auto keeps XLA's on several devices anyway
+
+
+def test_the_report_records_xla_convolutions_for_a_bfloat16_run(onednn):
+  from imbal_jax import train
+  assert train._environment('bfloat16')['cpu_convolutions'] == 'xla'
+  assert train._environment('float32')['cpu_convolutions'] == cpu_conv.backend()
 
 
 ONEDNN_INSTALLED = shutil.which('g++') is not None and any(

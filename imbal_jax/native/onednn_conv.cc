@@ -22,6 +22,14 @@
 #include <vector>
 
 #include "dnnl.hpp"
+#include "dnnl_version.h"
+
+// The primitive descriptors below are oneDNN 2.x's (op::desc, then its primitive_desc);
+// oneDNN 3.0 removed op::desc. imbal_jax/cpu_conv.py reads this message as an
+// unsupported oneDNN, not a failed build.
+#if DNNL_VERSION_MAJOR != 2
+#error "imbal_jax needs oneDNN 2.x (found another major version)"
+#endif
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
