@@ -108,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       return 1
     pairs.append((ours['images_per_sec'], theirs['images_per_sec']))
     print(json.dumps({'round': index, 'imbal_jax_devices': ours['device_count'],
+                      # 'onednn' or 'xla' (imbal_jax.cpu_conv); None in older records
+                      'imbal_jax_convolutions': ours.get('cpu_convolutions'),
                       'imbal_jax_images_per_sec': round(pairs[-1][0], 1),
                       'pytorch_images_per_sec': round(pairs[-1][1], 1),
                       'pytorch_threads': theirs.get('threads'), 'torch': theirs.get('torch'),
