@@ -17,7 +17,8 @@ and to `lax.conv_general_dilated` otherwise, so a model compiles everywhere:
   default, uses it where it is built);
 - JAX's default backend is the CPU (a GPU or TPU run never calls it);
 - float32 NHWC activations and an HWIO filter, 2-D, no input dilation, one
-  feature group (every convolution of imbal_jax's ResNets).
+  feature group, no negative padding, no empty array (every convolution of
+  imbal_jax's ResNets).
 
 Its gradients are oneDNN's too (a custom VJP: first-order reverse mode only, which
 is all imbal_jax's steps take; `jax.jvp` or a second derivative through it fails,
