@@ -11,8 +11,9 @@ Flax's `nn.Conv` calls in place of `lax.conv_general_dilated`.
 
 `conv_general_dilated` sends a convolution to oneDNN only where all of these hold,
 and to `lax.conv_general_dilated` otherwise, so a model compiles everywhere:
-- the library is built and loaded (`make` builds it where a C++ compiler and
-  oneDNN's headers are installed: Debian/Ubuntu `g++ libdnnl-dev`);
+- the library is built and loaded (`make` builds it where a C++ compiler is
+  installed, against the oneDNN that the `cpu` extra installs into the
+  environment on x86-64 Linux, or a system one such as Debian's libdnnl-dev);
 - `IMBAL_JAX_CPU_CONV` is not `xla` (`onednn` demands the library, `auto`, the
   default, uses it where it is built);
 - JAX's default backend is the CPU (a GPU or TPU run never calls it);
@@ -77,9 +78,24 @@ class MissingDependency(CpuConvError):
   """No C++ compiler, or no oneDNN headers or library: the build cannot start."""
 
 
-def build_command(output: Path) -> list[str]:
+def onednn_prefix() -> Path | None:
+  """This environment's own oneDNN, where pip installed one (the `cpu` extra:
+  onednn-cpu-gomp and onednn-devel-cpu-gomp put lib/ and include/ under sys.prefix);
+  None: the compiler's default folders (a system oneDNN, e.g. Debian's libdnnl-dev)."""
+  prefix = Path(sys.prefix)
+  if ((prefix / 'include' / 'oneapi' / 'dnnl' / 'dnnl.hpp').exists()
+      and any((prefix / 'lib').glob('libdnnl.so*'))):
+    return prefix
+  return None
+
+
+def build_command(output: Path, prefix: Path | None = None) -> list[str]:
+  """The compiler command; with `prefix`, oneDNN's headers and library from there
+  (found again at run time through the library's rpath)."""
   compiler = shlex.split(os.environ.get('CXX') or 'g++')
-  return [*compiler, '-O2', '-std=c++17', '-shared', '-fPIC', '-w',
+  onednn = ([f'-I{prefix / "include"}', f'-L{prefix / "lib"}',
+             f'-Wl,-rpath,{prefix / "lib"}'] if prefix else [])
+  return [*compiler, '-O2', '-std=c++17', '-shared', '-fPIC', '-w', *onednn,
           f'-I{jax.ffi.include_dir()}', str(SOURCE), '-ldnnl', '-o', str(output)]
 
 
@@ -88,18 +104,22 @@ def build_command(output: Path) -> list[str]:
 # #error).
 _MISSING_ONEDNN = re.compile(r"dnnl\.hpp'?:? (?:No such file|file not found)|"
                              r"cannot find -ldnnl|unable to find library -ldnnl|"
-                             r"library not found for -ldnnl|needs oneDNN 2\.x")
+                             r"library not found for -ldnnl|needs oneDNN 2\.x or 3\.x")
 
 
-def build(output: Path | None = None, quiet: bool = False) -> Path:
-  """Compiles the oneDNN handlers into `output` (default LIBRARY).
+_DEFAULT = object()
+
+
+def build(output: Path | None = None, quiet: bool = False, prefix=_DEFAULT) -> Path:
+  """Compiles the oneDNN handlers into `output` (default LIBRARY), against the oneDNN
+  under `prefix` (default `onednn_prefix()`; None: the system's).
 
   MissingDependency where the compiler or oneDNN is not installed; CpuConvError,
   with the compiler's messages, where the source does not compile. An earlier
   library at `output` stays until the new one is complete.
   """
   output = LIBRARY if output is None else output
-  command = build_command(output)
+  command = build_command(output, onednn_prefix() if prefix is _DEFAULT else prefix)
   if shutil.which(command[0]) is None:
     raise MissingDependency(f'no C++ compiler {command[0]!r} found; install one (Debian/Ubuntu: '
                             f'apt-get install g++ libdnnl-dev) or set CXX.')
@@ -113,14 +133,13 @@ def build(output: Path | None = None, quiet: bool = False) -> Path:
   result = subprocess.run(command, capture_output=True, text=True, check=False,
                           env={**os.environ, 'LC_ALL': 'C'})
   if result.returncode:
-    if 'needs oneDNN 2.x' in result.stderr:
-      raise MissingDependency('the installed oneDNN is not version 2.x, whose API '
-                              'imbal_jax/native/onednn_conv.cc uses (Debian 12: libdnnl-dev '
-                              '2.6.3).')
+    if 'needs oneDNN 2.x or 3.x' in result.stderr:
+      raise MissingDependency('the installed oneDNN is neither 2.x nor 3.x, whose APIs '
+                              'imbal_jax/native/onednn_conv.cc uses.')
     if _MISSING_ONEDNN.search(result.stderr):
-      raise MissingDependency('oneDNN is not installed: apt-get install libdnnl-dev '
-                              '(Debian/Ubuntu), or put its headers and library where '
-                              f'{command[0]} finds them.')
+      raise MissingDependency("oneDNN is not installed: pip install 'imbal_jax[cpu]' "
+                              '(x86-64 Linux), or apt-get install libdnnl-dev (Debian/Ubuntu), '
+                              f'or put its headers and library where {command[0]} finds them.')
     raise CpuConvError(f'building {output.name} failed:\n{result.stderr[-2000:]}')
   os.replace(partial, output)
   _built_for(output).write_text(_jaxlib_version())

@@ -322,7 +322,7 @@ def test_a_missing_onednn_header_is_a_missing_dependency(monkeypatch, tmp_path):
   monkeypatch.setenv('CPATH', '')
   monkeypatch.setenv('CXX', 'g++ -nostdinc')  # no system include folders: no dnnl.hpp
   with pytest.raises(cpu_conv.MissingDependency, match='libdnnl-dev'):
-    cpu_conv.build(tmp_path / 'lib.so', quiet=True)
+    cpu_conv.build(tmp_path / 'lib.so', quiet=True, prefix=None)  # not the environment's
 
 
 def test_needs_build_when_missing_stale_for_another_jaxlib_or_unloadable(monkeypatch,
@@ -362,7 +362,7 @@ def test_needs_build_when_missing_stale_for_another_jaxlib_or_unloadable(monkeyp
     "/usr/bin/ld: cannot find -ldnnl: No such file or directory",  # GNU ld
     "ld.lld: error: unable to find library -ldnnl",  # lld
     "ld: library not found for -ldnnl",  # Apple's ld
-    '#error "imbal_jax needs oneDNN 2.x (found another major version)"',  # oneDNN 3
+    '#error "imbal_jax needs oneDNN 2.x or 3.x (found another major version)"',  # oneDNN 4
 ])
 def test_compiler_messages_of_a_missing_onednn_are_recognised(message):
   assert cpu_conv._MISSING_ONEDNN.search(message)
@@ -404,9 +404,10 @@ def test_the_report_records_xla_convolutions_for_a_bfloat16_run(onednn):
   assert train._environment('float32')['cpu_convolutions'] == cpu_conv.backend()
 
 
-ONEDNN_INSTALLED = shutil.which('g++') is not None and any(
-    (pathlib.Path(folder) / 'dnnl.hpp').exists()
-    for folder in ('/usr/include', '/usr/local/include', '/usr/include/oneapi/dnnl'))
+SYSTEM_ONEDNN = any((pathlib.Path(folder) / 'dnnl.hpp').exists()
+                    for folder in ('/usr/include', '/usr/local/include'))
+ONEDNN_INSTALLED = shutil.which('g++') is not None and (
+    SYSTEM_ONEDNN or cpu_conv.onednn_prefix() is not None)
 
 
 @pytest.mark.skipif(not ONEDNN_INSTALLED, reason='g++ or oneDNN headers not installed')
@@ -414,6 +415,39 @@ def test_where_onednn_is_installed_make_built_the_library():
   """So that CI, which installs them, cannot skip every test above unnoticed."""
   assert cpu_conv.LIBRARY.exists(), f'{cpu_conv.LIBRARY} missing: make did not build it'
   assert not cpu_conv.needs_build()
+
+
+CHECK_BUILD = """
+import jax, jax.numpy as jnp, numpy as np
+from imbal_jax import cpu_conv
+x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 7, 7, 3)), jnp.float32)
+w = jnp.asarray(np.random.default_rng(1).normal(size=(3, 3, 3, 4)), jnp.float32)
+conv = lambda c: lambda x, w: jnp.sum(c(x, w, (2, 2), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')) ** 2)
+assert 'imbal_onednn' in str(jax.make_jaxpr(jax.grad(conv(cpu_conv.conv_general_dilated)))(x, w))
+for a, b in zip(jax.grad(conv(cpu_conv.conv_general_dilated), (0, 1))(x, w),
+                jax.grad(conv(jax.lax.conv_general_dilated), (0, 1))(x, w)):
+  np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+print('ok', cpu_conv.LIBRARY)
+"""
+
+
+@needs_gxx
+@pytest.mark.skipif(not SYSTEM_ONEDNN or cpu_conv.onednn_prefix() is None,
+                    reason="needs both a system oneDNN and the environment's (the cpu extra)")
+def test_the_source_builds_and_computes_with_the_system_onednn_too(tmp_path):
+  """make builds against the environment's oneDNN (3.x from the cpu extra); a
+  system one (Debian 12's is 2.6) takes the source's other API branch."""
+  cpu_conv.build(tmp_path / cpu_conv.LIBRARY.name, quiet=True, prefix=None)
+  env = dict(os.environ, JAX_PLATFORMS='cpu', IMBAL_JAX_NATIVE_DIR=str(tmp_path),
+             IMBAL_JAX_CPU_CONV='onednn', XLA_FLAGS=TEST_XLA_FLAGS)
+  env.pop('JAX_NUM_CPU_DEVICES', None)
+  result = subprocess.run([sys.executable, '-c', CHECK_BUILD], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.split() == ['ok', str(tmp_path / cpu_conv.LIBRARY.name)]
+  linked = subprocess.run(['ldd', str(tmp_path / cpu_conv.LIBRARY.name)], capture_output=True,
+                          text=True).stdout
+  assert str(cpu_conv.onednn_prefix()) not in linked  # the system's, not the environment's
 
 
 @built

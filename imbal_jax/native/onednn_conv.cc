@@ -24,11 +24,11 @@
 #include "dnnl.hpp"
 #include "dnnl_version.h"
 
-// The primitive descriptors below are oneDNN 2.x's (op::desc, then its primitive_desc);
-// oneDNN 3.0 removed op::desc. imbal_jax/cpu_conv.py reads this message as an
-// unsupported oneDNN, not a failed build.
-#if DNNL_VERSION_MAJOR != 2
-#error "imbal_jax needs oneDNN 2.x (found another major version)"
+// oneDNN 2.x builds a primitive descriptor from an op::desc, 3.x (which removed
+// op::desc) from the same arguments directly: Create() has both. Others are refused;
+// imbal_jax/cpu_conv.py reads this message as an unsupported oneDNN, not a failed build.
+#if DNNL_VERSION_MAJOR != 2 && DNNL_VERSION_MAJOR != 3
+#error "imbal_jax needs oneDNN 2.x or 3.x (found another major version)"
 #endif
 #include "xla/ffi/api/ffi.h"
 
@@ -73,6 +73,17 @@ std::unique_ptr<Primitives> Create(const Key& k) {
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   const auto algo = dnnl::algorithm::convolution_direct;
+#if DNNL_VERSION_MAJOR >= 3
+  p->fwd_pd = dnnl::convolution_forward::primitive_desc(
+      Engine(), dnnl::prop_kind::forward_training, algo, p->src, any_weights, p->dst, strides,
+      dilation, pad_l, pad_r, attr);
+  p->data_pd = dnnl::convolution_backward_data::primitive_desc(
+      Engine(), algo, p->src, any_weights, p->dst, strides, dilation, pad_l, pad_r, p->fwd_pd,
+      attr);
+  p->filter_pd = dnnl::convolution_backward_weights::primitive_desc(
+      Engine(), algo, p->src, any_weights, p->dst, strides, dilation, pad_l, pad_r, p->fwd_pd,
+      attr);
+#else
   p->fwd_pd = dnnl::convolution_forward::primitive_desc(
       dnnl::convolution_forward::desc(dnnl::prop_kind::forward_training, algo, p->src,
                                       any_weights, p->dst, strides, dilation, pad_l, pad_r),
@@ -85,6 +96,7 @@ std::unique_ptr<Primitives> Create(const Key& k) {
       dnnl::convolution_backward_weights::desc(algo, p->src, any_weights, p->dst, strides,
                                                dilation, pad_l, pad_r),
       attr, Engine(), p->fwd_pd);
+#endif
   p->fwd = dnnl::convolution_forward(p->fwd_pd);
   p->data = dnnl::convolution_backward_data(p->data_pd);
   p->filter = dnnl::convolution_backward_weights(p->filter_pd);
