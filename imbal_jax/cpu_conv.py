@@ -122,11 +122,11 @@ def build(output: Path | None = None, quiet: bool = False, prefix=_DEFAULT) -> P
   command = build_command(output, onednn_prefix() if prefix is _DEFAULT else prefix)
   if shutil.which(command[0]) is None:
     raise MissingDependency(f'no C++ compiler {command[0]!r} found; install one (Debian/Ubuntu: '
-                            f'apt-get install g++ libdnnl-dev) or set CXX.')
-  output.parent.mkdir(parents=True, exist_ok=True)
-  if not os.access(output.parent, os.W_OK):
+                            f'apt-get install g++) or set CXX.')
+  if output.parent.exists() and not os.access(output.parent, os.W_OK):
     raise CpuConvError(f'{output.parent} is not writable; set {ENV_DIR} to a folder that is, '
                        'for the build and for the runs.')
+  output.parent.mkdir(parents=True, exist_ok=True)
   partial = output.with_name(output.name + '.partial')
   command[-1] = str(partial)
   # The C locale: _MISSING_ONEDNN reads the compiler's English messages.
@@ -158,6 +158,12 @@ def _built_for(library: Path) -> Path:
   return library.with_name(library.name + '.jaxlib')
 
 
+def _built_for_version(library: Path) -> str | None:
+  """The jaxlib `library` was built for; None where that is not recorded."""
+  built_for = _built_for(library)
+  return built_for.read_text().strip() if built_for.exists() else None
+
+
 @functools.cache
 def _load(path: str) -> bool:
   library = ctypes.cdll.LoadLibrary(path)
@@ -171,10 +177,8 @@ def needs_build(library: Path | None = None) -> bool:
   """Whether `library` (default LIBRARY) is missing, older than its source, built
   for another jaxlib, or does not load."""
   library = LIBRARY if library is None else library
-  built_for = _built_for(library)
-  if (not library.exists() or not built_for.exists()
-      or library.stat().st_mtime < SOURCE.stat().st_mtime
-      or built_for.read_text().strip() != _jaxlib_version()):
+  if (not library.exists() or _built_for_version(library) != _jaxlib_version()
+      or library.stat().st_mtime < SOURCE.stat().st_mtime):
     return True
   try:  # e.g. oneDNN's shared library removed or replaced since the build
     ctypes.CDLL(str(library))
@@ -201,10 +205,10 @@ def available() -> bool:
     if wanted == 'onednn':
       raise CpuConvError(
           f'{ENV_SWITCH}=onednn but {LIBRARY} is not built; run `make` (or '
-          f'`python -m imbal_jax.cpu_conv build`), which needs g++ and libdnnl-dev.')
+          f'`python -m imbal_jax.cpu_conv build`), which needs g++ and oneDNN (the cpu '
+          f'extra, or a system libdnnl-dev).')
     return False
-  built_for = _built_for(LIBRARY)
-  built_for = built_for.read_text().strip() if built_for.exists() else 'an unknown version'
+  built_for = _built_for_version(LIBRARY) or 'an unknown version'
   if built_for != _jaxlib_version():
     # XLA's FFI headers change between releases: a stale build could fail inside a step.
     message = (f'{LIBRARY.name} was built for jaxlib {built_for}, this is jaxlib '
@@ -246,7 +250,7 @@ def _note_if_not_built() -> None:
       and jax.device_count() == 1):
     _warn_once("oneDNN's convolutions are not built, so this CPU run uses XLA's, about "
                'half as fast; `make` (or `python -m imbal_jax.cpu_conv build`) builds them '
-               'where g++ and libdnnl-dev are installed.')
+               "where g++ is installed (and oneDNN: the cpu extra, or a system libdnnl-dev).")
 
 
 def backend(dtype: str = 'float32') -> str | None:

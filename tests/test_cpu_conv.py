@@ -279,7 +279,7 @@ def test_a_library_built_for_another_jaxlib_is_not_used(monkeypatch, tmp_path, c
 
 def test_building_without_a_compiler_says_what_to_install(monkeypatch, tmp_path, capsys):
   monkeypatch.setenv('CXX', str(tmp_path / 'no-such-compiler'))
-  with pytest.raises(cpu_conv.MissingDependency, match='libdnnl-dev'):
+  with pytest.raises(cpu_conv.MissingDependency, match='no C.. compiler .*install one'):
     cpu_conv.build(tmp_path / 'lib.so')
   monkeypatch.setattr(cpu_conv, 'LIBRARY', tmp_path / 'lib.so')
   assert cpu_conv.main(['cpu_conv', 'build', '--if-possible']) == 0

@@ -148,81 +148,79 @@ void Run(const dnnl::primitive& primitive, const dnnl::primitive_desc_base& pd,
   stream.wait();
 }
 
+void Reorder(memory& from, memory& to) {
+  dnnl::stream stream(Engine());
+  dnnl::reorder(from, to).execute(stream, from, to);
+  stream.wait();
+}
+
 // A filter in HWIO, as the primitive wants it (reordered when its layout differs).
 memory Weights(const Primitives& p, const memory::desc& wanted, const float* data) {
   memory user(p.user_weights, Engine(), const_cast<float*>(data));
   if (wanted == p.user_weights) return user;
   memory reordered(wanted, Engine());
-  dnnl::stream stream(Engine());
-  dnnl::reorder(user, reordered).execute(stream, user, reordered);
-  stream.wait();
+  Reorder(user, reordered);
   return reordered;
 }
 
 using Attr = ffi::Span<const int64_t>;
 
-ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                   ffi::ResultBuffer<ffi::F32> y, Attr strides, Attr pad_lo, Attr pad_hi,
-                   Attr dilation) {
-  Geometry g = MakeKey(x.dimensions(), w.dimensions(), y->dimensions(), strides, pad_lo,
-                       pad_hi, dilation);
+// Runs `body` on the primitives of a checked geometry; errors become FFI errors.
+template <typename Body>
+ffi::Error WithPrimitives(const Geometry& g, Body body) {
   if (!g.error.empty()) return ffi::Error::InvalidArgument(g.error);
   try {
-    const Primitives& p = Get(g.key);
-    memory weights = Weights(p, p.fwd_pd.weights_desc(), w.typed_data());
-    Run(p.fwd, p.fwd_pd,
-        {{DNNL_ARG_SRC, memory(p.src, Engine(), x.typed_data())},
-         {DNNL_ARG_WEIGHTS, weights},
-         {DNNL_ARG_DST, memory(p.dst, Engine(), y->typed_data())}});
+    body(Get(g.key));
   } catch (const std::exception& e) {  // oneDNN's errors, or memory exhausted
     return ffi::Error::Internal(std::string("imbal_jax oneDNN convolution: ") + e.what());
   }
   return ffi::Error::Success();
+}
+
+ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                   ffi::ResultBuffer<ffi::F32> y, Attr strides, Attr pad_lo, Attr pad_hi,
+                   Attr dilation) {
+  return WithPrimitives(
+      MakeKey(x.dimensions(), w.dimensions(), y->dimensions(), strides, pad_lo, pad_hi,
+              dilation),
+      [&](const Primitives& p) {
+        Run(p.fwd, p.fwd_pd,
+            {{DNNL_ARG_SRC, memory(p.src, Engine(), x.typed_data())},
+             {DNNL_ARG_WEIGHTS, Weights(p, p.fwd_pd.weights_desc(), w.typed_data())},
+             {DNNL_ARG_DST, memory(p.dst, Engine(), y->typed_data())}});
+      });
 }
 
 ffi::Error InputGradient(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
                          ffi::ResultBuffer<ffi::F32> dx, Attr strides, Attr pad_lo,
                          Attr pad_hi, Attr dilation) {
-  Geometry g = MakeKey(dx->dimensions(), w.dimensions(), dy.dimensions(), strides, pad_lo,
-                       pad_hi, dilation);
-  if (!g.error.empty()) return ffi::Error::InvalidArgument(g.error);
-  try {
-    const Primitives& p = Get(g.key);
-    memory weights = Weights(p, p.data_pd.weights_desc(), w.typed_data());
-    Run(p.data, p.data_pd,
-        {{DNNL_ARG_DIFF_DST, memory(p.dst, Engine(), dy.typed_data())},
-         {DNNL_ARG_WEIGHTS, weights},
-         {DNNL_ARG_DIFF_SRC, memory(p.src, Engine(), dx->typed_data())}});
-  } catch (const std::exception& e) {  // oneDNN's errors, or memory exhausted
-    return ffi::Error::Internal(std::string("imbal_jax oneDNN convolution: ") + e.what());
-  }
-  return ffi::Error::Success();
+  return WithPrimitives(
+      MakeKey(dx->dimensions(), w.dimensions(), dy.dimensions(), strides, pad_lo, pad_hi,
+              dilation),
+      [&](const Primitives& p) {
+        Run(p.data, p.data_pd,
+            {{DNNL_ARG_DIFF_DST, memory(p.dst, Engine(), dy.typed_data())},
+             {DNNL_ARG_WEIGHTS, Weights(p, p.data_pd.weights_desc(), w.typed_data())},
+             {DNNL_ARG_DIFF_SRC, memory(p.src, Engine(), dx->typed_data())}});
+      });
 }
 
 ffi::Error FilterGradient(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                           ffi::ResultBuffer<ffi::F32> dw, Attr strides, Attr pad_lo,
                           Attr pad_hi, Attr dilation) {
-  Geometry g = MakeKey(x.dimensions(), dw->dimensions(), dy.dimensions(), strides, pad_lo,
-                       pad_hi, dilation);
-  if (!g.error.empty()) return ffi::Error::InvalidArgument(g.error);
-  try {
-    const Primitives& p = Get(g.key);
-    const memory::desc wanted = p.filter_pd.diff_weights_desc();
-    memory user(p.user_weights, Engine(), dw->typed_data());
-    memory out = wanted == p.user_weights ? user : memory(wanted, Engine());
-    Run(p.filter, p.filter_pd,
-        {{DNNL_ARG_SRC, memory(p.src, Engine(), x.typed_data())},
-         {DNNL_ARG_DIFF_DST, memory(p.dst, Engine(), dy.typed_data())},
-         {DNNL_ARG_DIFF_WEIGHTS, out}});
-    if (!(wanted == p.user_weights)) {
-      dnnl::stream stream(Engine());
-      dnnl::reorder(out, user).execute(stream, out, user);
-      stream.wait();
-    }
-  } catch (const std::exception& e) {  // oneDNN's errors, or memory exhausted
-    return ffi::Error::Internal(std::string("imbal_jax oneDNN convolution: ") + e.what());
-  }
-  return ffi::Error::Success();
+  return WithPrimitives(
+      MakeKey(x.dimensions(), dw->dimensions(), dy.dimensions(), strides, pad_lo, pad_hi,
+              dilation),
+      [&](const Primitives& p) {
+        const memory::desc wanted = p.filter_pd.diff_weights_desc();
+        memory user(p.user_weights, Engine(), dw->typed_data());
+        memory out = wanted == p.user_weights ? user : memory(wanted, Engine());
+        Run(p.filter, p.filter_pd,
+            {{DNNL_ARG_SRC, memory(p.src, Engine(), x.typed_data())},
+             {DNNL_ARG_DIFF_DST, memory(p.dst, Engine(), dy.typed_data())},
+             {DNNL_ARG_DIFF_WEIGHTS, out}});
+        if (!(wanted == p.user_weights)) Reorder(out, user);
+      });
 }
 
 }  // namespace
